@@ -1,0 +1,166 @@
+// CPU kernels for the sparse-dense products of a sparse code
+// (values [N, k], indices [N, k]) with a dense weight [M, d]:
+//   sparse_decode            out[n]    = sum_j values[n,j] * W[indices[n,j]] + bias
+//   gathered_dot             out[n,j]  = W[indices[n,j]] . dense[n]
+//   sparse_transpose_matmul  rows[i]   = sum_{(n,j): indices[n,j]=i} values[n,j] * dense[n]
+// Each accumulates in float32 (float64 for float64 inputs) and writes in the
+// input dtype. Rows of every output are owned by one thread: no atomics, and
+// results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/latent_grouping.h"
+
+namespace interpkernels::cpu {
+namespace {
+
+// Leading dims are flattened by the Python wrappers; these guard direct
+// torch.ops calls against reading out of bounds.
+void check_sparse_code(const at::Tensor& values, const at::Tensor& indices) {
+  TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
+                    "values and indices: expected two tensors of one shape [N, k], got ", values.sizes(),
+                    " and ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
+}
+
+void check_same_dtype(const at::Tensor& reference, const at::Tensor& other, const char* what) {
+  TORCH_CHECK_TYPE(other.scalar_type() == reference.scalar_type(), what, ": expected dtype ",
+                   reference.scalar_type(), ", got ", other.scalar_type());
+}
+
+template <typename scalar_t>
+void sparse_decode_rows(const scalar_t* values, const int64_t* indices, const scalar_t* weight, const scalar_t* bias,
+                        scalar_t* out, int64_t N, int64_t k, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp parallel
+  {
+    std::vector<acc_t> acc(d);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < d; ++c) acc[c] = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t v = static_cast<acc_t>(values[n * k + j]);
+        const scalar_t* row = weight + indices[n * k + j] * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) acc[c] += v * static_cast<acc_t>(row[c]);
+      }
+      for (int64_t c = 0; c < d; ++c) out[n * d + c] = static_cast<scalar_t>(acc[c]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void gathered_dot_rows(const scalar_t* dense, const int64_t* indices, const scalar_t* weight, scalar_t* out, int64_t N,
+                       int64_t k, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const scalar_t* dense_row = dense + n * d;
+    for (int64_t j = 0; j < k; ++j) {
+      const scalar_t* row = weight + indices[n * k + j] * d;
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) dot += static_cast<acc_t>(row[c]) * static_cast<acc_t>(dense_row[c]);
+      out[n * k + j] = static_cast<scalar_t>(dot);
+    }
+  }
+}
+
+template <typename scalar_t>
+void sparse_transpose_matmul_rows(const scalar_t* values, const scalar_t* dense, const LatentGroups& groups, int64_t k,
+                                  int64_t d, int64_t num_latents, scalar_t* rows, scalar_t* value_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp parallel
+  {
+    std::vector<acc_t> acc(d);
+    // Group sizes vary wildly (dead latents are empty): balance dynamically.
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t i = 0; i < num_latents; ++i) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t value_sum = 0;
+      for (int64_t p = groups.offsets[i]; p < groups.offsets[i + 1]; ++p) {
+        const int64_t entry = groups.entry_order[p];
+        const acc_t v = static_cast<acc_t>(values[entry]);
+        const scalar_t* dense_row = dense + (entry / k) * d;
+        value_sum += v;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) acc[c] += v * static_cast<acc_t>(dense_row[c]);
+      }
+      for (int64_t c = 0; c < d; ++c) rows[i * d + c] = static_cast<scalar_t>(acc[c]);
+      value_sums[i] = static_cast<scalar_t>(value_sum);
+    }
+  }
+}
+
+at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                             const std::optional<at::Tensor>& bias) {
+  check_sparse_code(values, indices);
+  check_same_dtype(W_dec, values, "values");
+  const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
+  check_indices_in_range(indices, M, "indices");
+  const at::Tensor values_c = values.contiguous(), indices_c = indices.contiguous(), weight = W_dec.contiguous();
+  at::Tensor bias_c;
+  if (bias.has_value()) {
+    check_same_dtype(W_dec, *bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d, "bias: expected shape [", d, "], got ", bias->sizes());
+    bias_c = bias->contiguous();
+  }
+  at::Tensor out = at::empty({N, d}, W_dec.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W_dec.scalar_type(), "sparse_decode_cpu", [&] {
+    sparse_decode_rows<scalar_t>(values_c.data_ptr<scalar_t>(), indices_c.data_ptr<int64_t>(),
+                                 weight.data_ptr<scalar_t>(), bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr,
+                                 out.data_ptr<scalar_t>(), N, k, d);
+  });
+  return out;
+}
+
+at::Tensor gathered_dot_cpu(const at::Tensor& dense, const at::Tensor& indices, const at::Tensor& W) {
+  TORCH_CHECK_VALUE(dense.dim() == 2 && W.dim() == 2 && dense.size(1) == W.size(1) && indices.dim() == 2 &&
+                        indices.size(0) == dense.size(0),
+                    "gathered_dot: expected dense [N, d], indices [N, k], W [M, d], got ", dense.sizes(), ", ",
+                    indices.sizes(), ", ", W.sizes());
+  check_same_dtype(dense, W, "W");
+  const int64_t N = indices.size(0), k = indices.size(1), d = W.size(1);
+  check_indices_in_range(indices, W.size(0), "indices");
+  const at::Tensor dense_c = dense.contiguous(), indices_c = indices.contiguous(), weight = W.contiguous();
+  at::Tensor out = at::empty({N, k}, dense.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "gathered_dot_cpu", [&] {
+    gathered_dot_rows<scalar_t>(dense_c.data_ptr<scalar_t>(), indices_c.data_ptr<int64_t>(),
+                                weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, k, d);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor& values, const at::Tensor& indices,
+                                                              const at::Tensor& dense, int64_t num_latents) {
+  check_sparse_code(values, indices);
+  check_same_dtype(dense, values, "values");
+  TORCH_CHECK_VALUE(dense.dim() == 2 && dense.size(0) == values.size(0),
+                    "dense: expected shape [N, d] with N = ", values.size(0), ", got ", dense.sizes());
+  TORCH_CHECK_VALUE(num_latents >= 0, "num_latents: expected a non-negative count, got ", num_latents);
+  check_indices_in_range(indices, num_latents, "indices");
+  const int64_t k = values.size(1), d = dense.size(1);
+  const LatentGroups groups = group_by_latent(indices, num_latents);
+  const at::Tensor values_c = values.contiguous(), dense_c = dense.contiguous();
+  at::Tensor rows = at::empty({num_latents, d}, dense.options());
+  at::Tensor value_sums = at::empty({num_latents}, values.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "sparse_transpose_matmul_cpu", [&] {
+    sparse_transpose_matmul_rows<scalar_t>(values_c.data_ptr<scalar_t>(), dense_c.data_ptr<scalar_t>(), groups, k, d,
+                                           num_latents, rows.data_ptr<scalar_t>(), value_sums.data_ptr<scalar_t>());
+  });
+  return {rows, value_sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(interpkernels, CPU, m) {
+  m.impl("sparse_decode", &sparse_decode_cpu);
+  m.impl("gathered_dot", &gathered_dot_cpu);
+  m.impl("sparse_transpose_matmul", &sparse_transpose_matmul_cpu);
+}
+
+}  // namespace interpkernels::cpu

@@ -1,0 +1,25 @@
+// Every op's schema, in one place. Optional arguments carry no defaults: the
+// dispatcher drops arguments equal to their defaults, which would change how
+// many gradients each backward returns. Kernels register per device in
+// csrc/cpu/*.cpp and csrc/cuda/*_cuda.cpp; fake implementations and autograd
+// are registered from Python (interpkernels/ops.py).
+//
+// Shapes are those the Python wrappers pass after validating and flattening
+// leading dimensions: N rows, k active latents per row, M latents, d width.
+#include <torch/library.h>
+
+TORCH_LIBRARY(interpkernels, m) {
+  // values [N, k] = relu of the k largest (x - pre_bias) @ W_enc^T + b_enc per
+  // row, indices [N, k] int64; latent_mask [M] bool restricts the competition.
+  m.def("topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, int k, Tensor? pre_bias, "
+        "Tensor? latent_mask) -> (Tensor values, Tensor indices)");
+  // out [N, d] = sum_j values[n, j] * W_dec[indices[n, j]] + bias.
+  m.def("sparse_decode(Tensor values, Tensor indices, Tensor W_dec, Tensor? bias) -> Tensor");
+  // out [N, k] = W[indices[n, j]] . dense[n]: the gradient of sparse_decode's values.
+  m.def("gathered_dot(Tensor dense, Tensor indices, Tensor W) -> Tensor");
+  // (rows [M, d], value_sums [M]): rows[i] = sum over entries (n, j) with
+  // indices[n, j] == i of values[n, j] * dense[n], value_sums[i] the sum of
+  // those values. The gradient of a weight gathered by indices.
+  m.def("sparse_transpose_matmul(Tensor values, Tensor indices, Tensor dense, int num_latents) "
+        "-> (Tensor rows, Tensor value_sums)");
+}

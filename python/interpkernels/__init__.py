@@ -1,0 +1,44 @@
+"""interpkernels: fused kernels for sparse decomposition in interpretability.
+
+    values, indices = interpkernels.topk_encode(x, W_enc, b_enc, k)
+    x_hat = interpkernels.sparse_decode(values, indices, W_dec, b_dec)
+
+Every op is a torch custom op (torch.ops.interpkernels.*) with autograd and a
+fake implementation, so it composes with torch.compile(fullgraph=True).
+Dense pure-torch versions of each op live in interpkernels.reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
+from interpkernels import _C  # noqa: F401  (registers the ops with the dispatcher)
+from interpkernels import reference
+from interpkernels._build_info import build_info as _compiled_build_info
+from interpkernels.ops import sparse_decode, topk_encode
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How this copy was built and what it can run on.
+
+    Keys: version, torch_built_against, torch_running, backends (those usable
+    here: "cpu", "cuda" when CUDA kernels were compiled and a GPU is visible,
+    "triton" when triton imports), cuda_compiled, cuda_archs, openmp_version,
+    openmp_max_threads.
+    """
+    info = dict(_compiled_build_info())
+    info["torch_running"] = torch.__version__
+    backends = ["cpu"]
+    if info["cuda_compiled"] and torch.cuda.is_available():
+        backends.append("cuda")
+    if importlib.util.find_spec("triton") is not None:
+        backends.append("triton")
+    info["backends"] = backends
+    return info
+
+
+__all__ = ["build_info", "reference", "sparse_decode", "topk_encode"]

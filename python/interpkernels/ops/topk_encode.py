@@ -1,0 +1,114 @@
+"""topk_encode: the TopK SAE encoder without the [N, M] pre-activation matrix.
+
+    pre[n, i]   = (x[n] - pre_bias) . W_enc[i] + b_enc[i]
+    indices[n]  = the k largest pre[n, :] (ties: lower index wins)
+    values[n,j] = relu(pre[n, indices[n, j]])
+
+Backward, with g = grad_values * (values > 0):
+    grad_x[n]     = sum_j g[n, j] W_enc[indices[n, j]]        (sparse_decode on W_enc)
+    grad_W_enc[i] = sum_{indices[n,j]=i} g[n, j] (x[n] - pre_bias)  (sparse_transpose_matmul)
+    grad_b_enc[i] = sum_{indices[n,j]=i} g[n, j]                (its value sums)
+    grad_pre_bias = -sum_n grad_x[n]
+
+The C++ schema is in csrc/ops.cpp; the CPU kernel in csrc/cpu/topk_encode.cpp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from interpkernels import _validation as v
+
+_ops = torch.ops.interpkernels
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    *,
+    pre_bias: torch.Tensor | None = None,
+    latent_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k sparse code of ``relu((x - pre_bias) @ W_enc.T + b_enc)``.
+
+    Args:
+        x: ``[..., d]`` activations.
+        W_enc: ``[M, d]`` encoder (``nn.Linear.weight`` layout).
+        b_enc: ``[M]`` encoder bias.
+        k: latents kept per row, ``1 <= k <= M`` (and at most the latents
+            ``latent_mask`` keeps in).
+        pre_bias: optional ``[d]`` subtracted from x first (the SAE's b_dec).
+        latent_mask: optional ``[M]`` bool; only True latents compete (AuxK on
+            dead latents is this op with the dead mask).
+
+    Returns ``(values [..., k] in x's dtype, indices [..., k] int64)``, each row
+    ordered by decreasing pre-activation. Differentiable in x, W_enc, b_enc and
+    pre_bias.
+    """
+    v.require_float("x", x)
+    W_enc = v.require_float("W_enc", W_enc, x.device)
+    b_enc = v.require_float("b_enc", b_enc, x.device)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected a tensor of shape [..., d], got {v.describe(x)}")
+    d = x.shape[-1]
+    if W_enc.dim() != 2 or W_enc.shape[1] != d:
+        raise ValueError(f"W_enc: expected shape [M, d] with d = {d} (the width of x), got {v.describe(W_enc)}")
+    M = W_enc.shape[0]
+    v.require_shape("b_enc", b_enc, (M,), f"[M] = [{M}]")
+    if pre_bias is not None:
+        v.require_float("pre_bias", pre_bias, x.device)
+        v.require_shape("pre_bias", pre_bias, (d,), f"[d] = [{d}]")
+    if latent_mask is not None:
+        v.require_tensor("latent_mask", latent_mask)
+        if latent_mask.dtype != torch.bool:
+            raise TypeError(f"latent_mask: expected a bool tensor of shape [{M}], got {v.describe(latent_mask)}")
+        v.require_shape("latent_mask", latent_mask, (M,), f"[M] = [{M}]")
+    k = v.require_count("k", k, 1, M, "M")
+    v.require_same_device("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias, latent_mask=latent_mask)
+    x, W_enc, b_enc, pre_bias = v.autocast_inputs(x.device, x, W_enc, b_enc, pre_bias)
+    v.require_same_dtype("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias)
+
+    values, indices = _ops.topk_encode.default(x.reshape(-1, d), W_enc, b_enc, k, pre_bias, latent_mask)
+    leading = x.shape[:-1]
+    return values.view(*leading, k), indices.view(*leading, k)
+
+
+@torch.library.register_fake("interpkernels::topk_encode")
+def _(x, W_enc, b_enc, k, pre_bias, latent_mask):
+    shape = (x.shape[0], k)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+def _setup_context(ctx, inputs, output):
+    x, W_enc, _b_enc, _k, pre_bias, _latent_mask = inputs
+    values, indices = output
+    ctx.save_for_backward(x, W_enc, pre_bias, values, indices)
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward(ctx, grad_values, _grad_indices):
+    x, W_enc, pre_bias, values, indices = ctx.saved_tensors
+    needs_x, needs_W, needs_b, _, needs_pre_bias, _ = ctx.needs_input_grad
+    active_grad = torch.where(values > 0, grad_values, torch.zeros_like(grad_values))
+
+    grad_x = grad_W_enc = grad_b_enc = grad_pre_bias = None
+    if needs_x or needs_pre_bias:
+        grad_x = _ops.sparse_decode.default(active_grad, indices, W_enc, None)
+        if needs_pre_bias:
+            grad_pre_bias = -grad_x.sum(0)
+    if needs_W or needs_b:
+        centered = x if pre_bias is None else x - pre_bias
+        grad_W_enc, grad_b_enc = _ops.sparse_transpose_matmul.default(active_grad, indices, centered, W_enc.shape[0])
+    return (
+        grad_x if needs_x else None,
+        grad_W_enc if needs_W else None,
+        grad_b_enc if needs_b else None,
+        None,
+        grad_pre_bias,
+        None,
+    )
+
+
+torch.library.register_autograd("interpkernels::topk_encode", _backward, setup_context=_setup_context)

@@ -1,0 +1,79 @@
+"""Dense pure-PyTorch versions of every op, written for clarity, not speed.
+
+They are the oracles of the tests (run in float64) and the baselines of the
+benchmarks. Each follows ../SPEC.md literally: the encoder materializes the
+full pre-activation matrix, the decoder scatters the code into a dense
+[N, M] matrix and multiplies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pre_activations(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pre_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """pre[..., i] = (x - pre_bias) . W_enc[i] + b_enc[i], shape [..., M]."""
+    centered = x if pre_bias is None else x - pre_bias
+    return centered @ W_enc.T + b_enc
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    *,
+    pre_bias: torch.Tensor | None = None,
+    latent_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relu of the k largest pre-activations, their latent indices), rows sorted
+    by decreasing pre-activation; a stable sort makes the lower index win ties."""
+    pre = pre_activations(x, W_enc, b_enc, pre_bias)
+    if latent_mask is not None:
+        pre = pre.masked_fill(~latent_mask, float("-inf"))
+    ranked, order = pre.sort(dim=-1, descending=True, stable=True)
+    return ranked[..., :k].relu(), order[..., :k]
+
+
+def encode_at(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    pre_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """relu(pre) at given latents: topk_encode's values once its selection is
+    fixed. Differentiable in every float input, so it is the gradient oracle
+    wherever a low-precision selection may legitimately differ from float64's."""
+    centered = x if pre_bias is None else x - pre_bias
+    return (torch.einsum("...d,...kd->...k", centered, W_enc[indices]) + b_enc[indices]).relu()
+
+
+def densify(values: torch.Tensor, indices: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """The sparse code as a dense [..., M] matrix (repeated indices add up)."""
+    dense = values.new_zeros(*values.shape[:-1], num_latents)
+    return dense.scatter_add(-1, indices.long(), values)
+
+
+def sparse_decode(
+    values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out[n] = sum_j values[n, j] * W_dec[indices[n, j]] + bias, as a dense matmul."""
+    out = densify(values, indices, W_dec.shape[0]) @ W_dec
+    return out if bias is None else out + bias
+
+
+def gathered_dot(dense: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """out[n, j] = W[indices[n, j]] . dense[n]."""
+    return torch.einsum("nkd,nd->nk", W[indices], dense)
+
+
+def sparse_transpose_matmul(
+    values: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor, num_latents: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S^T @ dense, S^T @ 1) for the sparse [N, M] matrix S the code stands for."""
+    code = densify(values, indices, num_latents)
+    return code.T @ dense, code.sum(0)
