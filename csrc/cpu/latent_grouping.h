@@ -8,11 +8,6 @@
 
 namespace interpkernels::cpu {
 
-// Raises IndexError (through TORCH_CHECK_INDEX) naming `argument` unless every
-// index lies in [0, num_latents). One parallel min/max pass: the check reads
-// data, so it lives in the op, where torch.compile can trace around it.
-void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, const char* argument);
-
 // The N*k entries of a sparse code grouped by latent (CSR of its transpose):
 // entries of latent i are entry_order[offsets[i] .. offsets[i+1]), flat
 // positions n*k + j in increasing order. Built by a counting sort, so the

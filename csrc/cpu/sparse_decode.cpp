@@ -13,24 +13,12 @@
 
 #include <vector>
 
+#include "checks.h"
 #include "cpu/latent_grouping.h"
+#include "cpu/vector_math.h"
 
 namespace interpkernels::cpu {
 namespace {
-
-// Leading dims are flattened by the Python wrappers; these guard direct
-// torch.ops calls against reading out of bounds.
-void check_sparse_code(const at::Tensor& values, const at::Tensor& indices) {
-  TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
-                    "values and indices: expected two tensors of one shape [N, k], got ", values.sizes(),
-                    " and ", indices.sizes());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
-}
-
-void check_same_dtype(const at::Tensor& reference, const at::Tensor& other, const char* what) {
-  TORCH_CHECK_TYPE(other.scalar_type() == reference.scalar_type(), what, ": expected dtype ",
-                   reference.scalar_type(), ", got ", other.scalar_type());
-}
 
 template <typename scalar_t>
 void sparse_decode_rows(const scalar_t* values, const int64_t* indices, const scalar_t* weight, const scalar_t* bias,
@@ -43,10 +31,7 @@ void sparse_decode_rows(const scalar_t* values, const int64_t* indices, const sc
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t c = 0; c < d; ++c) acc[c] = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
       for (int64_t j = 0; j < k; ++j) {
-        const acc_t v = static_cast<acc_t>(values[n * k + j]);
-        const scalar_t* row = weight + indices[n * k + j] * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) acc[c] += v * static_cast<acc_t>(row[c]);
+        add_scaled_row(acc.data(), weight + indices[n * k + j] * d, static_cast<acc_t>(values[n * k + j]), d);
       }
       for (int64_t c = 0; c < d; ++c) out[n * d + c] = static_cast<scalar_t>(acc[c]);
     }
@@ -56,17 +41,11 @@ void sparse_decode_rows(const scalar_t* values, const int64_t* indices, const sc
 template <typename scalar_t>
 void gathered_dot_rows(const scalar_t* dense, const int64_t* indices, const scalar_t* weight, scalar_t* out, int64_t N,
                        int64_t k, int64_t d) {
-  using acc_t = at::opmath_type<scalar_t>;
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const scalar_t* dense_row = dense + n * d;
-    for (int64_t j = 0; j < k; ++j) {
-      const scalar_t* row = weight + indices[n * k + j] * d;
-      acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < d; ++c) dot += static_cast<acc_t>(row[c]) * static_cast<acc_t>(dense_row[c]);
-      out[n * k + j] = static_cast<scalar_t>(dot);
-    }
+    for (int64_t j = 0; j < k; ++j)
+      out[n * k + j] = static_cast<scalar_t>(dot(weight + indices[n * k + j] * d, dense_row, d));
   }
 }
 
@@ -85,10 +64,8 @@ void sparse_transpose_matmul_rows(const scalar_t* values, const scalar_t* dense,
       for (int64_t p = groups.offsets[i]; p < groups.offsets[i + 1]; ++p) {
         const int64_t entry = groups.entry_order[p];
         const acc_t v = static_cast<acc_t>(values[entry]);
-        const scalar_t* dense_row = dense + (entry / k) * d;
         value_sum += v;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) acc[c] += v * static_cast<acc_t>(dense_row[c]);
+        add_scaled_row(acc.data(), dense + (entry / k) * d, v, d);
       }
       for (int64_t c = 0; c < d; ++c) rows[i * d + c] = static_cast<scalar_t>(acc[c]);
       value_sums[i] = static_cast<scalar_t>(value_sum);
@@ -123,6 +100,7 @@ at::Tensor gathered_dot_cpu(const at::Tensor& dense, const at::Tensor& indices, 
                         indices.size(0) == dense.size(0),
                     "gathered_dot: expected dense [N, d], indices [N, k], W [M, d], got ", dense.sizes(), ", ",
                     indices.sizes(), ", ", W.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
   check_same_dtype(dense, W, "W");
   const int64_t N = indices.size(0), k = indices.size(1), d = W.size(1);
   check_indices_in_range(indices, W.size(0), "indices");

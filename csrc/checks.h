@@ -1,0 +1,21 @@
+#pragma once
+// Checks shared by every device's kernels. The Python wrappers validate and
+// flatten first; these keep a direct torch.ops call from reading out of
+// bounds, and hold the one data-dependent check (index range), which must
+// live inside the op for torch.compile to trace around it.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace interpkernels {
+
+// values [N, k] and int64 indices of the same shape.
+void check_sparse_code(const at::Tensor& values, const at::Tensor& indices);
+
+void check_same_dtype(const at::Tensor& reference, const at::Tensor& other, const char* argument);
+
+// IndexError naming `argument` unless every index lies in [0, num_latents).
+// One min/max reduction; on CUDA one host sync per op, not per element.
+void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, const char* argument);
+
+}  // namespace interpkernels
