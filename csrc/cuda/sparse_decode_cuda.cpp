@@ -1,0 +1,185 @@
+// CUDA registrations of the sparse-code products of SPEC §2, as torch glue
+// around the torch-free kernels of sparse_decode_kernels.cu:
+//   sparse_decode            out[n]    = sum_j values[n,j] * W[indices[n,j]] + bias
+//   gathered_dot             out[n,j]  = W[indices[n,j]] . dense[n]
+//   sparse_transpose_matmul  rows[i]   = sum_{(n,j): indices[n,j]=i} values[n,j] * dense[n]
+// Compiled only when torch is a CUDA build. The Python wrappers validate and
+// flatten first; the checks here are the cheap ones that keep a direct
+// torch.ops call from making a kernel read out of bounds.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h, which needs cuBLAS headers
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "cuda/sparse_decode_kernels.cuh"
+
+namespace interpkernels::cuda_glue {
+namespace {
+
+namespace kernels = interpkernels::cuda;
+
+void check_on_device(const at::Tensor& tensor, const at::Device& device, const char* argument) {
+  TORCH_CHECK_VALUE(tensor.device() == device, argument, ": expected a tensor on ", device, ", got one on ",
+                    tensor.device());
+}
+
+// Calls fn with a value of the kernel element type for dtype. __half and
+// __nv_bfloat16 have the bit layout of at::Half and at::BFloat16, so tensor
+// data is passed by reinterpret_cast.
+template <typename Fn>
+void dispatch_float_type(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      fn(float{});
+      break;
+    case at::kHalf:
+      fn(__half{});
+      break;
+    case at::kBFloat16:
+      fn(__nv_bfloat16{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": expected float32, float16 or bfloat16 tensors on CUDA, got ", dtype);
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* data_as(const at::Tensor& tensor) {
+  return reinterpret_cast<const scalar_t*>(tensor.const_data_ptr());
+}
+
+template <typename scalar_t>
+scalar_t* mutable_data_as(at::Tensor& tensor) {
+  return reinterpret_cast<scalar_t*>(tensor.mutable_data_ptr());
+}
+
+void check_launch(cudaError_t status, const char* kernel) {
+  TORCH_CHECK(status == cudaSuccess, "interpkernels: CUDA kernel ", kernel, " failed: ", cudaGetErrorString(status));
+}
+
+at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                              const std::optional<at::Tensor>& bias) {
+  check_sparse_code(values, indices);
+  TORCH_CHECK_VALUE(W_dec.dim() == 2, "W_dec: expected shape [M, d], got ", W_dec.sizes());
+  check_same_dtype(W_dec, values, "values");
+  const at::Device device = W_dec.device();
+  check_on_device(values, device, "values");
+  check_on_device(indices, device, "indices");
+  const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
+  if (bias.has_value()) {
+    check_same_dtype(W_dec, *bias, "bias");
+    check_on_device(*bias, device, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d, "bias: expected shape [", d, "], got ", bias->sizes());
+  }
+  const c10::cuda::CUDAGuard device_guard(device);
+  check_indices_in_range(indices, M, "indices");
+
+  at::Tensor out = at::empty({N, d}, W_dec.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor values_c = values.contiguous(), indices_c = indices.contiguous(), weight = W_dec.contiguous();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_float_type(W_dec.scalar_type(), "sparse_decode", [&](auto element) {
+    using scalar_t = decltype(element);
+    check_launch(kernels::launch_sparse_decode_forward<scalar_t>(
+                     data_as<scalar_t>(values_c), indices_c.const_data_ptr<int64_t>(), data_as<scalar_t>(weight),
+                     bias_c.defined() ? data_as<scalar_t>(bias_c) : nullptr, mutable_data_as<scalar_t>(out), N, k,
+                     d, stream),
+                 "sparse_decode_forward");
+  });
+  return out;
+}
+
+at::Tensor gathered_dot_cuda(const at::Tensor& dense, const at::Tensor& indices, const at::Tensor& W) {
+  TORCH_CHECK_VALUE(dense.dim() == 2 && W.dim() == 2 && dense.size(1) == W.size(1) && indices.dim() == 2 &&
+                        indices.size(0) == dense.size(0),
+                    "gathered_dot: expected dense [N, d], indices [N, k], W [M, d], got ", dense.sizes(), ", ",
+                    indices.sizes(), ", ", W.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
+  check_same_dtype(dense, W, "W");
+  const at::Device device = dense.device();
+  check_on_device(indices, device, "indices");
+  check_on_device(W, device, "W");
+  const int64_t N = indices.size(0), k = indices.size(1), d = W.size(1);
+  const c10::cuda::CUDAGuard device_guard(device);
+  check_indices_in_range(indices, W.size(0), "indices");
+
+  at::Tensor out = at::empty({N, k}, dense.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor dense_c = dense.contiguous(), indices_c = indices.contiguous(), weight = W.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_float_type(dense.scalar_type(), "gathered_dot", [&](auto element) {
+    using scalar_t = decltype(element);
+    check_launch(kernels::launch_gathered_dot<scalar_t>(data_as<scalar_t>(dense_c), indices_c.const_data_ptr<int64_t>(),
+                                                        data_as<scalar_t>(weight), mutable_data_as<scalar_t>(out), N,
+                                                        k, d, stream),
+                 "gathered_dot");
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor& values, const at::Tensor& indices,
+                                                               const at::Tensor& dense, int64_t num_latents) {
+  check_sparse_code(values, indices);
+  check_same_dtype(dense, values, "values");
+  TORCH_CHECK_VALUE(dense.dim() == 2 && dense.size(0) == values.size(0),
+                    "dense: expected shape [N, d] with N = ", values.size(0), ", got ", dense.sizes());
+  TORCH_CHECK_VALUE(num_latents >= 0, "num_latents: expected a non-negative count, got ", num_latents);
+  const at::Device device = dense.device();
+  check_on_device(values, device, "values");
+  check_on_device(indices, device, "indices");
+  const int64_t k = values.size(1), d = dense.size(1), num_entries = values.numel();
+  const c10::cuda::CUDAGuard device_guard(device);
+  check_indices_in_range(indices, num_latents, "indices");
+
+  if (num_entries == 0) {
+    return {at::zeros({num_latents, d}, dense.options()), at::zeros({num_latents}, values.options())};
+  }
+  const at::Tensor values_c = values.contiguous(), indices_c = indices.contiguous(), dense_c = dense.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  // CSR of the entries by latent. These temporaries may be freed before the
+  // kernels that use them have run: the caching allocator reuses their memory
+  // only for later work on this stream, which is ordered after those kernels.
+  at::Tensor offsets = at::empty({num_latents + 1}, indices.options());
+  at::Tensor entry_order = at::empty({num_entries}, indices.options());
+  size_t workspace_bytes = 0;
+  check_launch(kernels::launch_group_by_latent(indices_c.const_data_ptr<int64_t>(), num_entries, num_latents, nullptr,
+                                               nullptr, nullptr, &workspace_bytes, stream),
+               "group_by_latent (workspace query)");
+  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, indices.options().dtype(at::kByte));
+  check_launch(kernels::launch_group_by_latent(indices_c.const_data_ptr<int64_t>(), num_entries, num_latents,
+                                               offsets.mutable_data_ptr<int64_t>(),
+                                               entry_order.mutable_data_ptr<int64_t>(), workspace.mutable_data_ptr(),
+                                               &workspace_bytes, stream),
+               "group_by_latent");
+
+  at::Tensor rows = at::empty({num_latents, d}, dense.options());
+  at::Tensor value_sums = at::empty({num_latents}, values.options());
+  dispatch_float_type(dense.scalar_type(), "sparse_transpose_matmul", [&](auto element) {
+    using scalar_t = decltype(element);
+    check_launch(kernels::launch_sparse_transpose_matmul<scalar_t>(
+                     data_as<scalar_t>(values_c), data_as<scalar_t>(dense_c), offsets.const_data_ptr<int64_t>(),
+                     entry_order.const_data_ptr<int64_t>(), k, d, num_latents, mutable_data_as<scalar_t>(rows),
+                     mutable_data_as<scalar_t>(value_sums), stream),
+                 "sparse_transpose_matmul");
+  });
+  return {rows, value_sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(interpkernels, CUDA, m) {
+  m.impl("sparse_decode", &sparse_decode_cuda);
+  m.impl("gathered_dot", &gathered_dot_cuda);
+  m.impl("sparse_transpose_matmul", &sparse_transpose_matmul_cuda);
+}
+
+}  // namespace interpkernels::cuda_glue
