@@ -29,12 +29,14 @@ def topk_encode(
     latent_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(relu of the k largest pre-activations, their latent indices), rows sorted
-    by decreasing pre-activation; a stable sort makes the lower index win ties."""
+    by decreasing pre-activation: matmul + torch.topk, as every peer encodes.
+    Exact ties are ordered as torch.topk orders them; the kernels break them
+    towards the lower index (tests check that rule separately)."""
     pre = pre_activations(x, W_enc, b_enc, pre_bias)
     if latent_mask is not None:
         pre = pre.masked_fill(~latent_mask, float("-inf"))
-    ranked, order = pre.sort(dim=-1, descending=True, stable=True)
-    return ranked[..., :k].relu(), order[..., :k]
+    top = pre.topk(k, dim=-1)
+    return top.values.relu(), top.indices
 
 
 def encode_at(

@@ -1,0 +1,55 @@
+"""Command line: `python -m interpkernels {bench,info}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import interpkernels
+
+
+def bench(args: argparse.Namespace) -> None:
+    from interpkernels.benchmarks import OPS
+    from interpkernels.benchmarks.harness import format_table, machine_description, run_cases, write_csv
+
+    device = torch.device(args.device)
+    ops = args.ops or list(OPS)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise SystemExit(f"--ops: unknown op(s) {sorted(unknown)}; choose from {sorted(OPS)}")
+    cases = [case for op in ops for case in OPS[op].cases(quick=args.quick)]
+    repeats = args.repeats or (3 if args.quick else 7)
+    print(f"interpkernels {interpkernels.__version__} benchmarks on {machine_description(device)}, "
+          f"torch {torch.__version__}, {repeats} repeats", file=sys.stderr)
+    measurements = run_cases(cases, device, repeats, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(measurements))
+    if args.csv:
+        write_csv(measurements, Path(args.csv), device)
+        print(f"results written to {args.csv}", file=sys.stderr)
+
+
+def info(args: argparse.Namespace) -> None:
+    print(json.dumps(interpkernels.build_info(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m interpkernels", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench_parser = commands.add_parser("bench", help="time every op against its baselines and print the table")
+    bench_parser.add_argument("--ops", nargs="+", help="ops to run (default: all)")
+    bench_parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    bench_parser.add_argument("--quick", action="store_true", help="small shapes, a smoke run of a few seconds")
+    bench_parser.add_argument("--repeats", type=int, help="timed repeats per implementation (default 7, quick 3)")
+    bench_parser.add_argument("--csv", help="also write the results, with machine, torch, commit and date, here")
+    bench_parser.set_defaults(run=bench)
+    commands.add_parser("info", help="print how this copy was built").set_defaults(run=info)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

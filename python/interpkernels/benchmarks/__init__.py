@@ -1,0 +1,9 @@
+"""Benchmarks of every op against its reference and the peers' formulations.
+
+`python -m interpkernels bench` runs them all and prints the table; each op
+module (`python -m interpkernels.benchmarks.<op>`) defines its cases.
+"""
+
+from interpkernels.benchmarks import sparse_decode, topk_encode
+
+OPS = {"topk_encode": topk_encode, "sparse_decode": sparse_decode}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for interpkernels: a virtual environment, torch,
+# the build and test tools, and the extension built against that torch.
+# Safe to re-run: existing pieces are kept and the build is incremental.
+#
+#   INTERPKERNELS_VENV    where the environment lives (default: .venv in the repo)
+#   INTERPKERNELS_TORCH   torch requirement installed when no torch imports
+#                         (default torch==2.13.0: other specs pull GBs of CUDA wheels)
+#   INTERPKERNELS_PYTHON  interpreter that creates the environment (default python3)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${INTERPKERNELS_VENV:-$repo/.venv}
+torch_spec=${INTERPKERNELS_TORCH:-torch==2.13.0}
+python=${INTERPKERNELS_PYTHON:-python3}
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+fail() { printf '\nbootstrap failed: %s\n' "$*" >&2; exit 1; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  step "creating a virtual environment in $venv"
+  "$python" -m venv "$venv" || fail "could not create a venv with $python (is the venv module installed?)"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
+if "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  step "using the installed torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+else
+  step "installing $torch_spec"
+  "${pip[@]}" install -q "$torch_spec" || fail "could not install $torch_spec"
+fi
+
+# Every later install keeps this torch: without the constraint a dependency
+# asking for torch could replace it with a multi-GB CUDA build.
+constraints="$venv/interpkernels-constraints.txt"
+"$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+export PIP_CONSTRAINT="$constraints"
+
+step "installing build and test tools"
+"${pip[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy \
+  "pytest>=8" "pytest-benchmark>=4" || fail "could not install the build and test tools"
+
+build_flags=()
+torch_has_cuda=$("$venv/bin/python" -c "import torch; print(int(torch.version.cuda is not None))")
+if [ "$torch_has_cuda" = 0 ] && command -v nvcc >/dev/null 2>&1; then
+  # No CUDA torch to link against, but nvcc can still compile-check the kernels.
+  build_flags+=(-Ccmake.define.INTERPKERNELS_CUDA_COMPILE_CHECK=ON)
+  step "building interpkernels (CPU kernels; CUDA kernels compile-checked with $(command -v nvcc))"
+else
+  step "building interpkernels"
+fi
+"${pip[@]}" install -q --no-build-isolation --no-deps "${build_flags[@]}" "$repo" \
+  || fail "the build failed; the compiler output is above"
+"$venv/bin/python" -c "import interpkernels, json; print(json.dumps(interpkernels.build_info()))" \
+  || fail "interpkernels was built but does not import"
