@@ -17,7 +17,7 @@ import torch  # noqa: F401  (loads libtorch, which the extension links against)
 from interpkernels import _C  # noqa: F401  (registers the ops with the dispatcher)
 from interpkernels import reference
 from interpkernels._build_info import build_info as _compiled_build_info
-from interpkernels.ops import sparse_decode, topk_encode
+from interpkernels.ops import batch_topk_encode, jumprelu_encode, multi_target_decode, sparse_decode, topk_encode
 
 __version__ = "0.1.0"
 
@@ -41,4 +41,12 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "reference", "sparse_decode", "topk_encode"]
+__all__ = [
+    "batch_topk_encode",
+    "build_info",
+    "jumprelu_encode",
+    "multi_target_decode",
+    "reference",
+    "sparse_decode",
+    "topk_encode",
+]

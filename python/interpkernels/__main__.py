@@ -1,4 +1,4 @@
-"""Command line: `python -m interpkernels {bench,info}`."""
+"""Command line: `python -m interpkernels {demo,bench,info}`."""
 
 from __future__ import annotations
 
@@ -37,8 +37,15 @@ def info(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the demo parses its own flags
+        from interpkernels import demo
+
+        demo.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m interpkernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="train a TopK SAE on synthetic data with known features (--help for flags)")
     bench_parser = commands.add_parser("bench", help="time every op against its baselines and print the table")
     bench_parser.add_argument("--ops", nargs="+", help="ops to run (default: all)")
     bench_parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")

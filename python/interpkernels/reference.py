@@ -79,3 +79,32 @@ def sparse_transpose_matmul(
     """(S^T @ dense, S^T @ 1) for the sparse [N, M] matrix S the code stands for."""
     code = densify(values, indices, num_latents)
     return code.T @ dense, code.sum(0)
+
+
+def batch_topk_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *, pre_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense BatchTopK activations [..., M]: the N*k largest relu(pre) over all
+    rows kept, everything else 0 (no per-row cap)."""
+    post = pre_activations(x, W_enc, b_enc, pre_bias).relu()
+    flat = post.reshape(-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.topk(k * (flat.numel() // W_enc.shape[0])).indices] = True
+    return post * keep.view_as(post)
+
+
+def jumprelu(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor, *,
+    pre_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense JumpReLU activations [..., M]: pre * 1[pre > threshold]."""
+    pre = pre_activations(x, W_enc, b_enc, pre_bias)
+    return pre * (pre > threshold)
+
+
+def fvu(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: sum ||out - y||^2 / sum ||y - mean(y)||^2
+    over all rows (leading dims flattened)."""
+    target = target.reshape(-1, target.shape[-1])
+    residual = reconstruction.reshape(target.shape) - target
+    return residual.square().sum() / (target - target.mean(0)).square().sum()

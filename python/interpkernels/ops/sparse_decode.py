@@ -15,12 +15,19 @@ from __future__ import annotations
 import torch
 
 from interpkernels import _validation as v
+from interpkernels import reference
+from interpkernels._backends import resolve
 
 _ops = torch.ops.interpkernels
 
 
 def sparse_decode(
-    values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, bias: torch.Tensor | None = None
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Decode a sparse code: ``out[..., :] = sum_j values[..., j] * W_dec[indices[..., j]] + bias``.
 
@@ -29,6 +36,7 @@ def sparse_decode(
         indices: ``[..., k]`` int64 (or int32) latent ids in ``[0, M)``.
         W_dec: ``[M, d]`` decoder, one row per latent.
         bias: optional ``[d]``.
+        backend: which implementation runs (interpkernels._backends).
 
     Returns ``[..., d]`` in W_dec's dtype. Differentiable in values, W_dec and bias.
     """
@@ -45,6 +53,8 @@ def sparse_decode(
     v.require_same_device("values", values, W_dec=W_dec, bias=bias)
     values, W_dec, bias = v.autocast_inputs(values.device, values, W_dec, bias)
     v.require_same_dtype("values", values, W_dec=W_dec, bias=bias)
+    if resolve("sparse_decode", backend, values.device) == "torch":
+        return reference.sparse_decode(values, indices, W_dec, bias)
 
     k = values.shape[-1]
     out = _ops.sparse_decode.default(values.reshape(-1, k), indices.reshape(-1, k), W_dec, bias)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 
 from interpkernels import _validation as v
+from interpkernels import reference
+from interpkernels._backends import resolve
 
 _ops = torch.ops.interpkernels
 
@@ -30,6 +32,7 @@ def topk_encode(
     *,
     pre_bias: torch.Tensor | None = None,
     latent_mask: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k sparse code of ``relu((x - pre_bias) @ W_enc.T + b_enc)``.
 
@@ -42,6 +45,7 @@ def topk_encode(
         pre_bias: optional ``[d]`` subtracted from x first (the SAE's b_dec).
         latent_mask: optional ``[M]`` bool; only True latents compete (AuxK on
             dead latents is this op with the dead mask).
+        backend: which implementation runs (interpkernels._backends).
 
     Returns ``(values [..., k] in x's dtype, indices [..., k] int64)``, each row
     ordered by decreasing pre-activation. Differentiable in x, W_enc, b_enc and
@@ -69,6 +73,8 @@ def topk_encode(
     v.require_same_device("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias, latent_mask=latent_mask)
     x, W_enc, b_enc, pre_bias = v.autocast_inputs(x.device, x, W_enc, b_enc, pre_bias)
     v.require_same_dtype("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias)
+    if resolve("topk_encode", backend, x.device) == "torch":
+        return reference.topk_encode(x, W_enc, b_enc, k, pre_bias=pre_bias, latent_mask=latent_mask)
 
     values, indices = _ops.topk_encode.default(x.reshape(-1, d), W_enc, b_enc, k, pre_bias, latent_mask)
     leading = x.shape[:-1]

@@ -1,0 +1,58 @@
+"""Which implementation of an op runs: the ``backend=`` argument of every op.
+
+    "auto"    the fastest available for the tensors' device: the C++ kernels
+              on CPU; on CUDA the CUDA kernels where compiled, else Triton,
+              else "torch"
+    "cpu"     the C++ CPU kernels (CPU tensors)
+    "cuda"    the CUDA C++ kernels (CUDA tensors; needs a CUDA build)
+    "triton"  the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)
+    "torch"   interpkernels.reference: dense pure PyTorch, any device
+
+The default is "auto", or INTERPKERNELS_BACKEND as read at import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+_OPS = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul")
+# Looked up once: dispatcher queries inside a torch.compile'd region would break the graph.
+_CUDA_KERNELS = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"interpkernels::{op}", "CUDA") for op in _OPS}
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return backend
+
+
+DEFAULT_BACKEND = _check(os.environ.get("INTERPKERNELS_BACKEND", "auto"))
+
+
+def triton_usable(device: torch.device) -> bool:
+    return _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and _TRITON_INTERPRETED))
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> str:
+    """The concrete backend for `op` on `device`, or a ValueError naming why not."""
+    backend = _check(DEFAULT_BACKEND if backend is None else backend)
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda" and _CUDA_KERNELS.get(op, False):
+            return "cuda"
+        return "triton" if triton_usable(device) else "torch"
+    if backend in ("cpu", "cuda") and device.type != backend:
+        raise ValueError(f"backend: {backend!r} runs on {backend} tensors, got tensors on {device}")
+    if backend == "cuda" and not _CUDA_KERNELS.get(op, False):
+        raise ValueError(f"backend: 'cuda' has no kernel for {op} in this build (interpkernels.build_info())")
+    if backend == "triton" and not triton_usable(device):
+        raise ValueError(f"backend: 'triton' needs triton installed and CUDA tensors (or TRITON_INTERPRET=1 on "
+                         f"CPU), got tensors on {device}")
+    return backend

@@ -1,0 +1,122 @@
+"""jumprelu_encode: the JumpReLU SAE encoder (Rajamanoharan et al. 2024) on
+the fused top-k encoder.
+
+    f[n, i] = pre[n, i] * 1[pre[n, i] > threshold[i]]
+
+kept sparse: the `max_l0` largest pre-activations of each row are found by
+topk_encode (no [N, M] matrix), then those at or below their latent's
+threshold are zeroed. The result is exact whenever a row has at most
+`max_l0` latents above threshold; beyond that the row keeps its `max_l0`
+largest.
+
+Gradients: x, W_enc, b_enc and pre_bias get the exact gradient of f
+(1[pre > threshold] times that of pre). The threshold, a step function's
+parameter, gets the straight-through pseudo-gradient with a rectangle kernel
+of bandwidth eps:
+
+    d f / d threshold_i = -(threshold_i / eps) * rect((pre - threshold_i) / eps),
+    rect(u) = 1[|u| < 1/2],
+
+summed over the entries of latent i. Only entries among a row's `max_l0`
+candidates contribute (a pre just below threshold but outside them does not).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from interpkernels import _validation as v
+from interpkernels.ops.topk_encode import topk_encode
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """f = pre * 1[pre > theta] at the code's entries; theta already gathered."""
+
+    @staticmethod
+    def forward(pre, theta, bandwidth):
+        return pre * (pre > theta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pre, theta, bandwidth = inputs
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(ctx, grad_f):
+        pre, theta = ctx.saved_tensors
+        grad_pre = grad_f * (pre > theta)
+        grad_theta = -grad_f * (theta / ctx.bandwidth) * _rectangle((pre - theta) / ctx.bandwidth)
+        return grad_pre, grad_theta, None
+
+
+class _StepL0(torch.autograd.Function):
+    """1[pre > theta] with the straight-through gradient -(1/eps) rect(.) for theta."""
+
+    @staticmethod
+    def forward(pre, theta, bandwidth):
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pre, theta, bandwidth = inputs
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(ctx, grad_step):
+        pre, theta = ctx.saved_tensors
+        grad_theta = -grad_step / ctx.bandwidth * _rectangle((pre - theta) / ctx.bandwidth)
+        return None, grad_theta, None
+
+
+def jumprelu_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    max_l0: int,
+    *,
+    bandwidth: float = 0.001,
+    pre_bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """JumpReLU code of x: ``(values [..., max_l0], indices [..., max_l0])``,
+    values 0 where the pre-activation is at or below its latent's threshold.
+
+    threshold: ``[M]``, positive. bandwidth: the straight-through kernel width eps.
+    backend: the implementation of the underlying topk_encode.
+    """
+    candidates, indices = topk_encode(x, W_enc, b_enc, max_l0, pre_bias=pre_bias, backend=backend)
+    return apply_threshold(candidates, indices, threshold, bandwidth), indices
+
+
+def _check_threshold(threshold: torch.Tensor, bandwidth: float, candidates: torch.Tensor) -> torch.Tensor:
+    v.require_float("threshold", threshold)
+    if threshold.dim() != 1:
+        raise ValueError(f"threshold: expected shape [M], got {v.describe(threshold)}")
+    if not (isinstance(bandwidth, float) and bandwidth > 0):
+        raise ValueError(f"bandwidth: expected a positive float, got {bandwidth!r}")
+    return threshold.to(candidates.dtype)
+
+
+def apply_threshold(candidates: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor,
+                    bandwidth: float = 0.001) -> torch.Tensor:
+    """JumpReLU values from a top-k code's candidates (``relu(pre)`` at
+    ``indices``): 0 at or below each latent's threshold."""
+    threshold = _check_threshold(threshold, bandwidth, candidates)
+    return _JumpReLU.apply(candidates, threshold[indices], bandwidth)
+
+
+def jumprelu_l0(candidates: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor,
+                bandwidth: float = 0.001) -> torch.Tensor:
+    """Mean over rows of the active count sum_i 1[pre > threshold_i], with the
+    straight-through threshold gradient: a JumpReLU SAE's sparsity penalty.
+    ``candidates, indices``: the topk_encode code the JumpReLU code came from."""
+    threshold = _check_threshold(threshold, bandwidth, candidates)
+    step = _StepL0.apply(candidates, threshold[indices], bandwidth)
+    return step.sum(-1).mean()
