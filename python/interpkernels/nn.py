@@ -1,0 +1,293 @@
+"""SAEs and transcoders on the fused ops.
+
+Every module stores its encoder row-per-latent (``W_enc [M, d_in]``, as
+``nn.Linear.weight``) and its decoder row-per-latent (``W_dec [M, d_out]``),
+and returns a :class:`SparseCoderOutput` from ``forward``. Codes are sparse
+``(values [..., k], indices [..., k])`` pairs throughout: the dense
+``[tokens, latents]`` matrix is never built.
+
+- :class:`TopKSAE`: k latents per token (Gao et al. 2024).
+- :class:`BatchTopKSAE`: k latents per token on average over the batch.
+- :class:`JumpReLUSAE`: per-latent thresholds trained straight-through.
+- :class:`Transcoder`: encodes an MLP's input, decodes toward its output,
+  optional linear skip ``W_skip [d_out, d_in]``.
+- :class:`CrossLayerTranscoder`: layer l's code decodes to layers l..L-1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from interpkernels.ops.batch_topk_encode import batch_topk_encode
+from interpkernels.ops.jumprelu_encode import apply_threshold, jumprelu_l0
+from interpkernels.ops.multi_target_decode import multi_target_decode
+from interpkernels.ops.sparse_decode import sparse_decode
+from interpkernels.ops.topk_encode import topk_encode
+
+
+class SparseCoderOutput(NamedTuple):
+    reconstruction: torch.Tensor  # [..., d_out]
+    values: torch.Tensor  # [..., k] sparse code
+    indices: torch.Tensor  # [..., k] int64
+    fvu: torch.Tensor  # 0-d, float32
+    auxk_loss: torch.Tensor  # 0-d, float32 (0 without a dead mask)
+    l0: torch.Tensor  # 0-d: mean active latents per token (differentiable for JumpReLU)
+
+
+def fraction_of_variance_unexplained(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """sum ||out - y||^2 / sum ||y - mean(y)||^2 over all tokens, in float32."""
+    target = target.reshape(-1, target.shape[-1]).float()
+    residual = reconstruction.reshape(target.shape).float() - target
+    return residual.square().sum() / (target - target.mean(0)).square().sum()
+
+
+def unit_rows(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    weight = torch.randn(shape, generator=generator)
+    return weight / weight.norm(dim=-1, keepdim=True)
+
+
+class SparseCoder(nn.Module):
+    """Shared machinery: parameters, encode/decode/forward, AuxK, safetensors I/O.
+
+    Parameters: ``W_enc [M, d_in]``, ``b_enc [M]``, ``W_dec [M, d_out]``,
+    ``b_dec [d_out]``. SAEs (d_in == d_out, reconstructing their input)
+    subtract ``b_dec`` from the input before encoding, as Bricken et al. and
+    Gao et al. do. Subclasses choose the code (:meth:`encode`); ``config``
+    holds the constructor's arguments, so :meth:`load` can rebuild any of them.
+    ``backend`` (attribute, not saved) picks the ops' implementation; "torch"
+    runs the dense reference, for comparisons.
+    """
+
+    backend: str | None = None
+    # SAEs keep decoder rows on the unit sphere while training (interpkernels.train).
+    normalizes_decoder = True
+
+    def __init__(self, d_in: int, num_latents: int, k: int, *, d_out: int | None = None,
+                 k_aux: int | None = None, seed: int | None = None):
+        super().__init__()
+        self.config = dict(d_in=d_in, num_latents=num_latents, k=k, k_aux=k_aux, seed=seed)
+        self.d_in, self.d_out = d_in, d_in if d_out is None else d_out
+        self.num_latents, self.k = num_latents, k
+        self.k_aux = k_aux if k_aux is not None else min(num_latents, max(d_in // 2, 1))
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = unit_rows((num_latents, self.d_out), generator)
+        # Tied initialisation (W_enc = W_dec) where the shapes allow it.
+        W_enc = W_dec.clone() if d_in == self.d_out else unit_rows((num_latents, d_in), generator)
+        self.W_enc = nn.Parameter(W_enc)
+        self.b_enc = nn.Parameter(torch.zeros(num_latents))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+
+    def _pre_bias(self) -> torch.Tensor | None:
+        return self.b_dec
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse code ``(values [..., k], indices [..., k])`` of x."""
+        return topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self._pre_bias(), backend=self.backend)
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend)
+
+    def reconstruct(self, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return self.decode(values, indices)
+
+    def _encode_with_l0(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values, indices = self.encode(x)
+        return values, indices, (values > 0).sum(-1).float().mean()
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, *,
+                dead_mask: torch.Tensor | None = None) -> SparseCoderOutput:
+        """Encode x and reconstruct ``target`` (x itself for an SAE).
+
+        dead_mask: ``[M]`` bool of latents that have not fired for a while;
+        then ``auxk_loss`` is the normalized error of reconstructing the
+        residual from the ``k_aux`` largest dead latents (Gao et al. 2024),
+        with gradients into the encoder.
+        """
+        target = x if target is None else target
+        values, indices, l0 = self._encode_with_l0(x)
+        reconstruction = self.reconstruct(x, values, indices)
+        fvu = fraction_of_variance_unexplained(reconstruction, target)
+        auxk_loss = fvu.new_zeros(())
+        if dead_mask is not None:
+            auxk_loss = self.auxk_loss(x, target - reconstruction.detach(), dead_mask)
+        return SparseCoderOutput(reconstruction, values, indices, fvu, auxk_loss, l0)
+
+    def auxk_loss(self, x: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor:
+        """||e_hat - e||^2 / ||e - mean(e)||^2 with e_hat decoded from the top
+        k_aux dead latents, scaled by min(#dead / k_aux, 1) as sparsify does.
+        No host sync: live latents compete at -inf, so where fewer than k_aux
+        latents are dead the extra slots hold zeros."""
+        dead_only_bias = self.b_enc.masked_fill(~dead_mask, float("-inf"))
+        values, indices = topk_encode(x, self.W_enc, dead_only_bias, self.k_aux, pre_bias=self._pre_bias(),
+                                      backend=self.backend)
+        residual_hat = sparse_decode(values, indices, self.W_dec, backend=self.backend)
+        scale = (dead_mask.sum() / self.k_aux).clamp(max=1.0)
+        return scale * fraction_of_variance_unexplained(residual_hat, residual)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Decoder rows to unit norm (after each optimizer step, as Gao et al.)."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True))
+
+    @torch.no_grad()
+    def remove_decoder_parallel_gradient_(self) -> None:
+        """Drop the gradient's component along each decoder row, so a step on
+        unit-norm rows moves them along the sphere (before the optimizer step)."""
+        grad = self.W_dec.grad
+        if grad is not None:
+            direction = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
+            grad.sub_((grad * direction).sum(-1, keepdim=True) * direction)
+
+    def save(self, path: str | Path) -> None:
+        """Parameters and config to one safetensors file."""
+        from safetensors.torch import save_file
+
+        tensors = {name: p.detach().contiguous() for name, p in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"class": type(self).__name__, "config": json.dumps(self.config)})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
+        """Rebuild a module saved by :meth:`save` (any subclass)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        module_class = MODULES[metadata["class"]]
+        if not issubclass(module_class, cls):
+            raise TypeError(f"path: holds a {metadata['class']}, not a {cls.__name__}")
+        module = module_class(**json.loads(metadata["config"]))
+        module.load_state_dict(load_file(str(path), device=str(device)))
+        return module.to(device)
+
+
+class TopKSAE(SparseCoder):
+    """``values, indices = top-k of relu((x - b_dec) @ W_enc.T + b_enc)``."""
+
+    def __init__(self, d_in: int, num_latents: int, k: int, *, k_aux: int | None = None, seed: int | None = None):
+        super().__init__(d_in, num_latents, k, k_aux=k_aux, seed=seed)
+
+
+class BatchTopKSAE(SparseCoder):
+    """Keeps the N*k largest activations over a batch of N tokens; the code is
+    padded to ``max_per_row`` slots per token (zeros where unused)."""
+
+    def __init__(self, d_in: int, num_latents: int, k: int, *, max_per_row: int | None = None,
+                 k_aux: int | None = None, seed: int | None = None):
+        super().__init__(d_in, num_latents, k, k_aux=k_aux, seed=seed)
+        self.config["max_per_row"] = self.max_per_row = max_per_row
+
+    def encode(self, x):
+        return batch_topk_encode(x, self.W_enc, self.b_enc, self.k, max_per_row=self.max_per_row,
+                                 pre_bias=self._pre_bias(), backend=self.backend)
+
+
+class JumpReLUSAE(SparseCoder):
+    """``f = pre * 1[pre > threshold]`` with learned positive thresholds (stored
+    as their log), kept sparse with at most ``k`` (max L0) latents per token.
+    ``l0`` in the output carries the straight-through threshold gradient:
+    train on ``fvu + sparsity_coefficient * l0``."""
+
+    def __init__(self, d_in: int, num_latents: int, k: int, *, initial_threshold: float = 0.001,
+                 bandwidth: float = 0.001, k_aux: int | None = None, seed: int | None = None):
+        super().__init__(d_in, num_latents, k, k_aux=k_aux, seed=seed)
+        self.config.update(initial_threshold=initial_threshold, bandwidth=bandwidth)
+        self.bandwidth = bandwidth
+        self.log_threshold = nn.Parameter(torch.full((num_latents,), float(initial_threshold)).log())
+
+    def _encode_with_l0(self, x):
+        candidates, indices = topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self._pre_bias(),
+                                          backend=self.backend)
+        threshold = self.log_threshold.exp()
+        values = apply_threshold(candidates, indices, threshold, self.bandwidth)
+        return values, indices, jumprelu_l0(candidates, indices, threshold, self.bandwidth)
+
+    def encode(self, x):
+        values, indices, _ = self._encode_with_l0(x)
+        return values, indices
+
+
+class Transcoder(SparseCoder):
+    """Encodes an MLP's input ``[..., d_in]`` and reconstructs its output
+    ``[..., d_out]`` (pass it as ``target``); with ``skip=True`` a linear
+    ``W_skip [d_out, d_in]`` (initialised to zero) adds ``x @ W_skip.T``."""
+
+    normalizes_decoder = False
+
+    def __init__(self, d_in: int, num_latents: int, k: int, *, d_out: int | None = None, skip: bool = False,
+                 k_aux: int | None = None, seed: int | None = None):
+        super().__init__(d_in, num_latents, k, d_out=d_out, k_aux=k_aux, seed=seed)
+        self.config.update(d_out=self.d_out, skip=skip)
+        self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in)) if skip else None
+
+    def _pre_bias(self):
+        return None  # input and output live in different spaces
+
+    def reconstruct(self, x, values, indices):
+        reconstruction = self.decode(values, indices)
+        return reconstruction if self.W_skip is None else reconstruction + x @ self.W_skip.T
+
+    def forward(self, x, target=None, *, dead_mask=None):
+        if target is None:
+            raise ValueError("target: a transcoder reconstructs the MLP output; pass it as target")
+        return super().forward(x, target, dead_mask=dead_mask)
+
+
+class CrossLayerTranscoder(nn.Module):
+    """L layers of ``M`` latents each; layer l encodes its MLP input and its
+    code decodes to the MLP outputs of layers l, l+1, ..., L-1 through one
+    multi-target decode (the code read once). The decoder of layer l is
+    stored latent-major, ``[M, L - l, d]``; :meth:`decoder` gives the
+    ``[L - l, M, d]`` view."""
+
+    backend: str | None = None
+
+    def __init__(self, num_layers: int, d_model: int, num_latents: int, k: int, *, seed: int | None = None):
+        super().__init__()
+        self.config = dict(num_layers=num_layers, d_model=d_model, num_latents=num_latents, k=k, seed=seed)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.W_enc = nn.ParameterList(nn.Parameter(unit_rows((num_latents, d_model), generator))
+                                      for _ in range(num_layers))
+        self.b_enc = nn.ParameterList(nn.Parameter(torch.zeros(num_latents)) for _ in range(num_layers))
+        self.W_dec = nn.ParameterList(
+            nn.Parameter(unit_rows((num_latents, num_layers - layer, d_model), generator) / (num_layers - layer))
+            for layer in range(num_layers))
+        self.b_dec = nn.Parameter(torch.zeros(num_layers, d_model))
+
+    def decoder(self, layer: int) -> torch.Tensor:
+        return self.W_dec[layer].transpose(0, 1)
+
+    def encode(self, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [topk_encode(x, self.W_enc[layer], self.b_enc[layer], self.config["k"], backend=self.backend)
+                for layer, x in enumerate(inputs)]
+
+    def decode(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Reconstructions of every layer's MLP output: sum over source layers l <= t."""
+        outputs: list[torch.Tensor | None] = [None] * self.config["num_layers"]
+        for source, (values, indices) in enumerate(codes):
+            contributions = multi_target_decode(values, indices, self.decoder(source), backend=self.backend)
+            for offset, contribution in enumerate(contributions.unbind(0)):
+                target = source + offset
+                outputs[target] = contribution if outputs[target] is None else outputs[target] + contribution
+        return [out + self.b_dec[layer] for layer, out in enumerate(outputs)]
+
+    def forward(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> SparseCoderOutput:
+        """FVU over all layers together; values/indices stacked ``[L, ..., k]``."""
+        codes = self.encode(inputs)
+        reconstructions = self.decode(codes)
+        error = sum((out.float() - y.float()).square().sum() for out, y in zip(reconstructions, targets))
+        variance = sum((y.float() - y.float().reshape(-1, y.shape[-1]).mean(0)).square().sum() for y in targets)
+        fvu = error / variance
+        values = torch.stack([v for v, _ in codes])
+        indices = torch.stack([i for _, i in codes])
+        l0 = (values > 0).sum(-1).float().mean()
+        return SparseCoderOutput(torch.stack(reconstructions), values, indices, fvu, fvu.new_zeros(()), l0)
+
+
+MODULES = {cls.__name__: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder)}

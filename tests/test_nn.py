@@ -1,0 +1,115 @@
+"""interpkernels.nn modules: outputs against dense math, AuxK, save/load."""
+
+import pytest
+import torch
+
+from interpkernels import nn as ik_nn
+from interpkernels import reference
+
+SAE_CLASSES = [ik_nn.TopKSAE, ik_nn.BatchTopKSAE, ik_nn.JumpReLUSAE]
+
+
+def randomize_(module):
+    """Non-zero biases and thresholds so every term is exercised."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("b_"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("cls", SAE_CLASSES, ids=lambda c: c.__name__)
+def test_sae_forward_matches_dense_math_and_backend_torch(cls):
+    torch.manual_seed(0)
+    module = randomize_(cls(12, 48, 4, seed=1)).double()
+    x = torch.randn(3, 7, 12, dtype=torch.float64)
+    out = module(x)
+    dense = reference.densify(out.values, out.indices, 48)
+    torch.testing.assert_close(out.reconstruction, dense @ module.W_dec + module.b_dec)
+    torch.testing.assert_close(out.fvu, reference.fvu(out.reconstruction, x).float())
+    assert out.values.shape[:-1] == (3, 7) and out.auxk_loss == 0
+    module.backend = "torch"  # the dense reference ops give the same result
+    torch.testing.assert_close(module(x).reconstruction, out.reconstruction)
+
+
+def test_topk_sae_code_is_the_reference_encoder():
+    module = randomize_(ik_nn.TopKSAE(10, 30, 3, seed=0)).double()
+    x = torch.randn(20, 10, dtype=torch.float64)
+    values, indices = module.encode(x)
+    want_values, want_indices = reference.topk_encode(x, module.W_enc, module.b_enc, 3, pre_bias=module.b_dec)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values)
+
+
+def test_auxk_reaches_the_encoder_through_dead_latents_only():
+    torch.manual_seed(0)
+    module = randomize_(ik_nn.TopKSAE(16, 64, 4, k_aux=8, seed=0))
+    x = torch.randn(50, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::4] = True
+    out = module(x, dead_mask=dead)
+    assert out.auxk_loss > 0
+    module.zero_grad()
+    out.auxk_loss.backward()
+    assert module.W_enc.grad[dead].abs().sum() > 0 and module.b_enc.grad[dead].abs().sum() > 0
+    assert module.W_enc.grad[~dead].abs().sum() == 0
+    # Fewer dead latents than k_aux: no error, no host sync needed, finite loss.
+    few = torch.zeros(64, dtype=torch.bool)
+    few[:3] = True
+    assert torch.isfinite(module(x, dead_mask=few).auxk_loss)
+
+
+def test_transcoder_with_skip_and_its_target():
+    torch.manual_seed(0)
+    module = randomize_(ik_nn.Transcoder(12, 40, 5, d_out=9, skip=True, seed=0)).double()
+    with torch.no_grad():
+        module.W_skip.copy_(torch.randn(9, 12))
+    x, y = torch.randn(30, 12, dtype=torch.float64), torch.randn(30, 9, dtype=torch.float64)
+    out = module(x, y)
+    dense = reference.densify(out.values, out.indices, 40)
+    torch.testing.assert_close(out.reconstruction, dense @ module.W_dec + module.b_dec + x @ module.W_skip.T)
+    want_values, _ = reference.topk_encode(x, module.W_enc, module.b_enc, 5)  # no pre-bias for transcoders
+    torch.testing.assert_close(out.values, want_values)
+    with pytest.raises(ValueError, match="target"):
+        module(x)
+
+
+def test_cross_layer_transcoder_decodes_each_code_to_later_layers():
+    torch.manual_seed(0)
+    L, d, M, k = 3, 8, 20, 3
+    module = ik_nn.CrossLayerTranscoder(L, d, M, k, seed=0).double()
+    with torch.no_grad():
+        module.b_dec.copy_(torch.randn(L, d))
+    inputs = [torch.randn(6, d, dtype=torch.float64) for _ in range(L)]
+    targets = [torch.randn(6, d, dtype=torch.float64) for _ in range(L)]
+    out = module(inputs, targets)
+    codes = [reference.densify(v, i, M) for v, i in zip(out.values, out.indices)]
+    for target in range(L):
+        want = module.b_dec[target] + sum(codes[s] @ module.decoder(s)[target - s] for s in range(target + 1))
+        torch.testing.assert_close(out.reconstruction[target], want)
+    out.fvu.backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+@pytest.mark.parametrize("cls", [*SAE_CLASSES, ik_nn.Transcoder], ids=lambda c: c.__name__)
+def test_save_and_load_round_trip(cls, tmp_path):
+    module = randomize_(cls(8, 24, 3, seed=0))
+    path = tmp_path / "module.safetensors"
+    module.save(path)
+    loaded = ik_nn.SparseCoder.load(path)
+    assert type(loaded) is cls and loaded.config == module.config
+    for (name, p), (_, q) in zip(module.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), name
+    with pytest.raises(TypeError, match="path: holds a"):
+        (ik_nn.Transcoder if cls is not ik_nn.Transcoder else ik_nn.TopKSAE).load(path)
+
+
+def test_normalize_decoder_projects_the_gradient():
+    module = ik_nn.TopKSAE(6, 10, 2, seed=0)
+    with torch.no_grad():
+        module.W_dec.mul_(3.0)
+    module.W_dec.grad = torch.randn(10, 6)
+    module.remove_decoder_parallel_gradient_()
+    torch.testing.assert_close((module.W_dec.grad * module.W_dec).sum(-1), torch.zeros(10), atol=1e-5, rtol=0)
+    module.normalize_decoder_()
+    torch.testing.assert_close(module.W_dec.norm(dim=-1), torch.ones(10))

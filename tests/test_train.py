@@ -1,0 +1,59 @@
+"""interpkernels.train and the demo's pieces, at sizes that run in seconds."""
+
+import numpy as np
+import torch
+
+from interpkernels import demo
+from interpkernels.nn import JumpReLUSAE, TopKSAE, Transcoder
+from interpkernels.train import DeadLatentCounter, memmap_batches, train
+
+
+def test_dead_latent_counter_counts_tokens_since_firing():
+    counter = DeadLatentCounter(5, torch.device("cpu"))
+    counter.update(torch.tensor([[1.0, 0.0], [2.0, 3.0]]), torch.tensor([[0, 1], [0, 2]]))
+    assert counter.tokens_since_fired.tolist() == [0, 2, 0, 2, 2]  # latent 1 only had a zero value
+    counter.update(torch.tensor([[1.0]]), torch.tensor([[4]]))
+    assert counter.tokens_since_fired.tolist() == [1, 3, 1, 3, 0]
+    assert counter.dead_mask(3).tolist() == [False, True, False, True, False]
+
+
+def test_training_reduces_fvu_and_writes_checkpoints(tmp_path):
+    data = demo.SyntheticActivations.make(16, 32, 2.0, seed=0)
+    sae = TopKSAE(16, 64, 4, seed=0)
+    history = train(sae, data.batches(256), steps=120, lr=3e-3, log_every=20, dead_after_tokens=5000,
+                    checkpoint_dir=tmp_path, checkpoint_every=60, progress=False)
+    assert history.steps == [20, 40, 60, 80, 100, 120]
+    assert history.fvu[-1] < 0.5 * history.fvu[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_120.safetensors", "step_60.safetensors"]
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))
+
+
+def test_training_jumprelu_and_transcoders_under_bf16_autocast():
+    data = demo.SyntheticActivations.make(8, 16, 2.0, seed=0)
+    jump = JumpReLUSAE(8, 32, 8, seed=0)
+    history = train(jump, data.batches(128), steps=20, lr=1e-3, log_every=10, progress=False,
+                    autocast_dtype=torch.bfloat16)
+    assert all(np.isfinite(history.fvu))
+    mlp = torch.nn.Linear(8, 6)
+    pairs = ((x, mlp(x).detach()) for x in data.batches(128))
+    transcoder = Transcoder(8, 32, 4, d_out=6, skip=True, seed=0)
+    history = train(transcoder, pairs, steps=40, lr=3e-3, log_every=20, progress=False)
+    assert history.fvu[-1] < history.fvu[0]
+
+
+def test_memmap_batches_stream_rows_from_disk(tmp_path):
+    rows = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    path = tmp_path / "acts.bin"
+    rows.tofile(path)
+    batches = memmap_batches(path, d=4, batch_size=10, shuffle_seed=None)
+    first, second = next(batches), next(batches)
+    assert torch.equal(first, torch.from_numpy(rows[:10])) and torch.equal(second, torch.from_numpy(rows[10:20]))
+
+
+def test_demo_runs_end_to_end_and_reports(tmp_path, capsys):
+    results = demo.main(["--d", "16", "--features", "32", "--latents", "64", "--k", "4", "--mean-active", "2",
+                         "--steps", "300", "--batch-size", "256", "--lr", "3e-3", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "Recovered" in printed and "FVU" in printed and "faster" in printed
+    assert (tmp_path / "sae.safetensors").exists()
+    assert results["recovered"] > 0.5 and results["fvu"] < 0.3
