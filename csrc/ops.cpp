@@ -22,4 +22,11 @@ TORCH_LIBRARY(interpkernels, m) {
   // those values. The gradient of a weight gathered by indices.
   m.def("sparse_transpose_matmul(Tensor values, Tensor indices, Tensor dense, int num_latents) "
         "-> (Tensor rows, Tensor value_sums)");
+  // SAE training helpers (in place on contiguous [M, d] rows):
+  // grad[i] -= (grad[i] . weight[i]) weight[i] / ||weight[i]||^2, and weight[i] /= ||weight[i]||.
+  m.def("remove_parallel_component_(Tensor(a!) grad, Tensor weight) -> ()");
+  m.def("normalize_rows_(Tensor(a!) weight) -> ()");
+  // (fvu, total_variance), 0-d float32 (float64 for float64 inputs):
+  // fvu = sum ||out - y||^2 / total_variance, total_variance = sum ||y - mean(y)||^2 over rows.
+  m.def("fvu(Tensor reconstruction, Tensor target) -> (Tensor fvu, Tensor total_variance)");
 }

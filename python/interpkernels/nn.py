@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from interpkernels.ops import sae_training
 from interpkernels.ops.batch_topk_encode import batch_topk_encode
 from interpkernels.ops.jumprelu_encode import apply_threshold, jumprelu_l0
 from interpkernels.ops.multi_target_decode import multi_target_decode
@@ -34,16 +35,9 @@ class SparseCoderOutput(NamedTuple):
     reconstruction: torch.Tensor  # [..., d_out]
     values: torch.Tensor  # [..., k] sparse code
     indices: torch.Tensor  # [..., k] int64
-    fvu: torch.Tensor  # 0-d, float32
-    auxk_loss: torch.Tensor  # 0-d, float32 (0 without a dead mask)
+    fvu: torch.Tensor  # 0-d, float32 (float64 for a float64 module)
+    auxk_loss: torch.Tensor  # 0-d, like fvu (0 without a dead mask)
     l0: torch.Tensor  # 0-d: mean active latents per token (differentiable for JumpReLU)
-
-
-def fraction_of_variance_unexplained(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """sum ||out - y||^2 / sum ||y - mean(y)||^2 over all tokens, in float32."""
-    target = target.reshape(-1, target.shape[-1]).float()
-    residual = reconstruction.reshape(target.shape).float() - target
-    return residual.square().sum() / (target - target.mean(0)).square().sum()
 
 
 def unit_rows(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -112,7 +106,7 @@ class SparseCoder(nn.Module):
         target = x if target is None else target
         values, indices, l0 = self._encode_with_l0(x)
         reconstruction = self.reconstruct(x, values, indices)
-        fvu = fraction_of_variance_unexplained(reconstruction, target)
+        fvu = sae_training.fvu(reconstruction, target, backend=self.backend)
         auxk_loss = fvu.new_zeros(())
         if dead_mask is not None:
             auxk_loss = self.auxk_loss(x, target - reconstruction.detach(), dead_mask)
@@ -128,21 +122,17 @@ class SparseCoder(nn.Module):
                                       backend=self.backend)
         residual_hat = sparse_decode(values, indices, self.W_dec, backend=self.backend)
         scale = (dead_mask.sum() / self.k_aux).clamp(max=1.0)
-        return scale * fraction_of_variance_unexplained(residual_hat, residual)
+        return scale * sae_training.fvu(residual_hat, residual, backend=self.backend)
 
-    @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Decoder rows to unit norm (after each optimizer step, as Gao et al.)."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True))
+        sae_training.normalize_rows_(self.W_dec.data, backend=self.backend)
 
-    @torch.no_grad()
     def remove_decoder_parallel_gradient_(self) -> None:
         """Drop the gradient's component along each decoder row, so a step on
         unit-norm rows moves them along the sphere (before the optimizer step)."""
-        grad = self.W_dec.grad
-        if grad is not None:
-            direction = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
-            grad.sub_((grad * direction).sum(-1, keepdim=True) * direction)
+        if self.W_dec.grad is not None:
+            sae_training.remove_parallel_component_(self.W_dec.grad, self.W_dec.data, backend=self.backend)
 
     def save(self, path: str | Path) -> None:
         """Parameters and config to one safetensors file."""
