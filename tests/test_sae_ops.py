@@ -3,7 +3,7 @@ jumprelu_encode and multi_target_decode, against dense references."""
 
 import pytest
 import torch
-from conftest import assert_matches_oracle
+from oracle import assert_matches_oracle
 
 import interpkernels
 from interpkernels import reference

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ALL_DTYPES, LOW_PRECISION, assert_matches_oracle
+from oracle import ALL_DTYPES, LOW_PRECISION, assert_matches_oracle
 
 from interpkernels import reference
 from interpkernels.ops.sae_training import fvu, normalize_rows_, remove_parallel_component_

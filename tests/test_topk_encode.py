@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ALL_DTYPES, LOW_PRECISION, assert_matches_oracle, max_error
+from oracle import ALL_DTYPES, LOW_PRECISION, assert_matches_oracle, max_error
 
 import interpkernels
 from interpkernels import reference

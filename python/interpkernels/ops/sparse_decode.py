@@ -5,9 +5,9 @@
     sparse_transpose_matmul  rows[i]  = sum_{(n,j): indices[n,j]=i} values[n, j] * dense[n]
 
 The three are closed under differentiation (each one's gradients are the
-other two), so every order of derivative runs on the fused kernels. The C++
-schemas are in csrc/ops.cpp; kernels in csrc/cpu/sparse_decode.cpp and
-csrc/cuda/.
+other two), so every order of derivative runs on the fused kernels, of the
+backend the forward ran on. The C++ schemas are in csrc/ops.cpp; kernels in
+csrc/cpu/sparse_decode.cpp, csrc/cuda/ and interpkernels.triton_kernels.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 from interpkernels import _validation as v
 from interpkernels import reference
 from interpkernels._backends import resolve
-
-_ops = torch.ops.interpkernels
+from interpkernels.ops._kernels import NATIVE, TRITON, Kernels, kernels
 
 
 def sparse_decode(
@@ -53,26 +52,24 @@ def sparse_decode(
     v.require_same_device("values", values, W_dec=W_dec, bias=bias)
     values, W_dec, bias = v.autocast_inputs(values.device, values, W_dec, bias)
     v.require_same_dtype("values", values, W_dec=W_dec, bias=bias)
-    if resolve("sparse_decode", backend, values.device) == "torch":
+    backend = resolve("sparse_decode", backend, values.device)
+    if backend == "torch":
         return reference.sparse_decode(values, indices, W_dec, bias)
 
     k = values.shape[-1]
-    out = _ops.sparse_decode.default(values.reshape(-1, k), indices.reshape(-1, k), W_dec, bias)
+    out = kernels(backend).sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), W_dec, bias)
     return out.view(*values.shape[:-1], W_dec.shape[1])
 
 
-@torch.library.register_fake("interpkernels::sparse_decode")
-def _(values, indices, W_dec, bias):
+def _sparse_decode_fake(values, indices, W_dec, bias):
     return W_dec.new_empty(values.shape[0], W_dec.shape[1])
 
 
-@torch.library.register_fake("interpkernels::gathered_dot")
-def _(dense, indices, W):
+def _gathered_dot_fake(dense, indices, W):
     return dense.new_empty(indices.shape)
 
 
-@torch.library.register_fake("interpkernels::sparse_transpose_matmul")
-def _(values, indices, dense, num_latents):
+def _sparse_transpose_matmul_fake(values, indices, dense, num_latents):
     return dense.new_empty(num_latents, dense.shape[1]), values.new_empty(num_latents)
 
 
@@ -86,40 +83,41 @@ def _sparse_decode_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _sparse_decode_backward(ctx, grad_out):
-    values, indices, W_dec = ctx.saved_tensors
-    grad_values = _ops.gathered_dot.default(grad_out, indices, W_dec) if ctx.needs_input_grad[0] else None
-    grad_W_dec = None
-    if ctx.needs_input_grad[2]:
-        grad_W_dec = _ops.sparse_transpose_matmul.default(values, indices, grad_out, W_dec.shape[0])[0]
-    grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return grad_values, None, grad_W_dec, grad_bias
+def _register(ops: Kernels) -> None:
+    """Fake implementations and autograd of one backend's three products."""
+
+    def sparse_decode_backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = ops.gathered_dot(grad_out, indices, W_dec) if ctx.needs_input_grad[0] else None
+        grad_W_dec = None
+        if ctx.needs_input_grad[2]:
+            grad_W_dec = ops.sparse_transpose_matmul(values, indices, grad_out, W_dec.shape[0])[0]
+        grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_values, None, grad_W_dec, grad_bias
+
+    def gathered_dot_backward(ctx, grad_out):
+        dense, indices, W = ctx.saved_tensors
+        grad_dense = ops.sparse_decode(grad_out, indices, W, None) if ctx.needs_input_grad[0] else None
+        grad_W = ops.sparse_transpose_matmul(grad_out, indices, dense, W.shape[0])[0] if ctx.needs_input_grad[2] else None
+        return grad_dense, None, grad_W
+
+    def sparse_transpose_matmul_backward(ctx, grad_rows, grad_value_sums):
+        values, indices, dense = ctx.saved_tensors
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_values = ops.gathered_dot(dense, indices, grad_rows) + grad_value_sums[indices]
+        grad_dense = ops.sparse_decode(values, indices, grad_rows, None) if ctx.needs_input_grad[2] else None
+        return grad_values, None, grad_dense, None
+
+    for op, fake, backward, setup in (
+        (ops.sparse_decode, _sparse_decode_fake, sparse_decode_backward, _sparse_decode_setup),
+        (ops.gathered_dot, _gathered_dot_fake, gathered_dot_backward, _save_tensor_inputs),
+        (ops.sparse_transpose_matmul, _sparse_transpose_matmul_fake, sparse_transpose_matmul_backward,
+         _save_tensor_inputs),
+    ):
+        torch.library.register_fake(op, fake)
+        torch.library.register_autograd(op, backward, setup_context=setup)
 
 
-def _gathered_dot_backward(ctx, grad_out):
-    dense, indices, W = ctx.saved_tensors
-    grad_dense = _ops.sparse_decode.default(grad_out, indices, W, None) if ctx.needs_input_grad[0] else None
-    grad_W = None
-    if ctx.needs_input_grad[2]:
-        grad_W = _ops.sparse_transpose_matmul.default(grad_out, indices, dense, W.shape[0])[0]
-    return grad_dense, None, grad_W
-
-
-def _sparse_transpose_matmul_backward(ctx, grad_rows, grad_value_sums):
-    values, indices, dense = ctx.saved_tensors
-    grad_values = None
-    if ctx.needs_input_grad[0]:
-        grad_values = _ops.gathered_dot.default(dense, indices, grad_rows) + grad_value_sums[indices]
-    grad_dense = _ops.sparse_decode.default(values, indices, grad_rows, None) if ctx.needs_input_grad[2] else None
-    return grad_values, None, grad_dense, None
-
-
-torch.library.register_autograd(
-    "interpkernels::sparse_decode", _sparse_decode_backward, setup_context=_sparse_decode_setup
-)
-torch.library.register_autograd(
-    "interpkernels::gathered_dot", _gathered_dot_backward, setup_context=_save_tensor_inputs
-)
-torch.library.register_autograd(
-    "interpkernels::sparse_transpose_matmul", _sparse_transpose_matmul_backward, setup_context=_save_tensor_inputs
-)
+_register(NATIVE)
+_register(TRITON)

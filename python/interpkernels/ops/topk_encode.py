@@ -20,8 +20,7 @@ import torch
 from interpkernels import _validation as v
 from interpkernels import reference
 from interpkernels._backends import resolve
-
-_ops = torch.ops.interpkernels
+from interpkernels.ops._kernels import NATIVE, TRITON, Kernels, kernels
 
 
 def topk_encode(
@@ -73,16 +72,16 @@ def topk_encode(
     v.require_same_device("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias, latent_mask=latent_mask)
     x, W_enc, b_enc, pre_bias = v.autocast_inputs(x.device, x, W_enc, b_enc, pre_bias)
     v.require_same_dtype("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias)
-    if resolve("topk_encode", backend, x.device) == "torch":
+    backend = resolve("topk_encode", backend, x.device)
+    if backend == "torch":
         return reference.topk_encode(x, W_enc, b_enc, k, pre_bias=pre_bias, latent_mask=latent_mask)
 
-    values, indices = _ops.topk_encode.default(x.reshape(-1, d), W_enc, b_enc, k, pre_bias, latent_mask)
+    values, indices = kernels(backend).topk_encode(x.reshape(-1, d), W_enc, b_enc, k, pre_bias, latent_mask)
     leading = x.shape[:-1]
     return values.view(*leading, k), indices.view(*leading, k)
 
 
-@torch.library.register_fake("interpkernels::topk_encode")
-def _(x, W_enc, b_enc, k, pre_bias, latent_mask):
+def _fake(x, W_enc, b_enc, k, pre_bias, latent_mask):
     shape = (x.shape[0], k)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
@@ -94,27 +93,35 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(indices)
 
 
-def _backward(ctx, grad_values, _grad_indices):
-    x, W_enc, pre_bias, values, indices = ctx.saved_tensors
-    needs_x, needs_W, needs_b, _, needs_pre_bias, _ = ctx.needs_input_grad
-    active_grad = torch.where(values > 0, grad_values, torch.zeros_like(grad_values))
+def _register(ops: Kernels) -> None:
+    """Fake implementation and autograd of one backend's encoder; the backward
+    runs on that backend's sparse products."""
 
-    grad_x = grad_W_enc = grad_b_enc = grad_pre_bias = None
-    if needs_x or needs_pre_bias:
-        grad_x = _ops.sparse_decode.default(active_grad, indices, W_enc, None)
-        if needs_pre_bias:
-            grad_pre_bias = -grad_x.sum(0)
-    if needs_W or needs_b:
-        centered = x if pre_bias is None else x - pre_bias
-        grad_W_enc, grad_b_enc = _ops.sparse_transpose_matmul.default(active_grad, indices, centered, W_enc.shape[0])
-    return (
-        grad_x if needs_x else None,
-        grad_W_enc if needs_W else None,
-        grad_b_enc if needs_b else None,
-        None,
-        grad_pre_bias,
-        None,
-    )
+    def backward(ctx, grad_values, _grad_indices):
+        x, W_enc, pre_bias, values, indices = ctx.saved_tensors
+        needs_x, needs_W, needs_b, _, needs_pre_bias, _ = ctx.needs_input_grad
+        active_grad = torch.where(values > 0, grad_values, torch.zeros_like(grad_values))
+
+        grad_x = grad_W_enc = grad_b_enc = grad_pre_bias = None
+        if needs_x or needs_pre_bias:
+            grad_x = ops.sparse_decode(active_grad, indices, W_enc, None)
+            if needs_pre_bias:
+                grad_pre_bias = -grad_x.sum(0)
+        if needs_W or needs_b:
+            centered = x if pre_bias is None else x - pre_bias
+            grad_W_enc, grad_b_enc = ops.sparse_transpose_matmul(active_grad, indices, centered, W_enc.shape[0])
+        return (
+            grad_x if needs_x else None,
+            grad_W_enc if needs_W else None,
+            grad_b_enc if needs_b else None,
+            None,
+            grad_pre_bias,
+            None,
+        )
+
+    torch.library.register_fake(ops.topk_encode, _fake)
+    torch.library.register_autograd(ops.topk_encode, backward, setup_context=_setup_context)
 
 
-torch.library.register_autograd("interpkernels::topk_encode", _backward, setup_context=_setup_context)
+_register(NATIVE)
+_register(TRITON)

@@ -1,0 +1,91 @@
+"""The registered ops behind each backend, as one table per backend.
+
+The C++ ops (csrc/ops.cpp) dispatch by device to the CPU and CUDA kernels.
+The Triton kernels (interpkernels.triton_kernels) are registered here as ops
+of the same schemas named ``<op>_triton``, for CUDA tensors and, under
+TRITON_INTERPRET=1, CPU ones; triton is imported on first use only. Fake
+implementations and autograd are registered per table by the op modules, so
+a backward runs on the backend of its forward.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_ops = torch.ops.interpkernels
+_OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul")
+
+
+class Kernels(NamedTuple):
+    topk_encode: torch._ops.OpOverload
+    sparse_decode: torch._ops.OpOverload
+    gathered_dot: torch._ops.OpOverload
+    sparse_transpose_matmul: torch._ops.OpOverload
+
+
+def _triton_kernels():
+    from interpkernels import triton_kernels
+
+    return triton_kernels
+
+
+def _check_triton_dtype(tensor: torch.Tensor) -> None:
+    if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"the triton backend runs float32, bfloat16 and float16, got {tensor.dtype}")
+
+
+def _check_index_range(indices: torch.Tensor, num_latents: int) -> None:
+    """The C++ ops' check (csrc/checks.cpp): one min/max, one host sync."""
+    if indices.numel() == 0:
+        return
+    lowest, highest = torch.aminmax(indices)
+    lowest, highest = int(lowest), int(highest)
+    if lowest < 0 or highest >= num_latents:
+        raise IndexError(f"indices: expected every index in [0, {num_latents}), got values from {lowest} to {highest}")
+
+
+def _topk_encode_triton(x, W_enc, b_enc, k, pre_bias, latent_mask):
+    _check_triton_dtype(x)
+    if latent_mask is not None:
+        kept = int(latent_mask.sum())
+        if k > kept:
+            raise ValueError(f"k: expected at most the {kept} latents latent_mask keeps in, got {k}")
+    return _triton_kernels().topk_encode(x, W_enc, b_enc, k, pre_bias, latent_mask)
+
+
+def _sparse_decode_triton(values, indices, W_dec, bias):
+    _check_triton_dtype(W_dec)
+    _check_index_range(indices, W_dec.shape[0])
+    return _triton_kernels().sparse_decode(values, indices, W_dec, bias)
+
+
+def _gathered_dot_triton(dense, indices, W):
+    _check_triton_dtype(W)
+    _check_index_range(indices, W.shape[0])
+    return _triton_kernels().gathered_dot(dense, indices, W)
+
+
+def _sparse_transpose_matmul_triton(values, indices, dense, num_latents):
+    _check_triton_dtype(dense)
+    _check_index_range(indices, num_latents)
+    return _triton_kernels().sparse_transpose_matmul(values, indices, dense, num_latents)
+
+
+_library = torch.library.Library("interpkernels", "FRAGMENT")
+for _name, _impl in zip(_OP_NAMES, (_topk_encode_triton, _sparse_decode_triton, _gathered_dot_triton,
+                                    _sparse_transpose_matmul_triton)):
+    # Same schema as the C++ op, under the _triton name.
+    _schema = str(getattr(_ops, _name).default._schema).split("(", 1)[1]
+    _library.define(f"{_name}_triton({_schema}")
+    for _device in ("CPU", "CUDA"):
+        _library.impl(f"{_name}_triton", _impl, _device)
+
+NATIVE = Kernels(*(getattr(_ops, name).default for name in _OP_NAMES))
+TRITON = Kernels(*(getattr(_ops, f"{name}_triton").default for name in _OP_NAMES))
+
+
+def kernels(backend: str) -> Kernels:
+    """The table for a resolved backend ("cpu" and "cuda" share the C++ ops)."""
+    return TRITON if backend == "triton" else NATIVE

@@ -1,0 +1,11 @@
+"""Triton kernels of the GPU path (SPEC.md §1, §2): plain functions on 2-D, contiguous-or-strided,
+already validated tensors; the torch ops, autograd and fake impls wrap them elsewhere.
+
+Importing this package needs triton. `@triton.jit` reads TRITON_INTERPRET when a kernel is
+decorated, so set it before the first import to run the kernels on CPU tensors.
+"""
+
+from .sparse_decode import gathered_dot, group_by_latent, sparse_decode, sparse_transpose_matmul
+from .topk_encode import topk_encode
+
+__all__ = ["gathered_dot", "group_by_latent", "sparse_decode", "sparse_transpose_matmul", "topk_encode"]

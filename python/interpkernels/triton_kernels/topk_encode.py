@@ -1,0 +1,188 @@
+"""Fused TopK encoder: the GEMM and a running per-row top-k, without the [N, M] matrix.
+
+    pre[n, i]    = (x[n] - pre_bias) . W_enc[i] + b_enc[i]
+    indices[n]   = the k largest pre[n, :] over the latents latent_mask keeps in (ties: lower index)
+    values[n, j] = relu(pre[n, indices[n, j]]), each row by decreasing pre
+
+Each (pre, latent) pair is packed into one int64 key whose signed order is the
+order we want: the high 32 bits hold an order-preserving integer image of the
+float32 pre, the low 32 bits hold INDEX_BASE - latent, so among equal pre the
+lower latent has the larger key. Keys are unique within a row, so values-only
+reductions and sorts (tl.max, tl.min, tl.topk) carry the indices along.
+
+Two kernels:
+1. `_topk_partial_kernel`, program (row block, latent split): streams the split's
+   latents in tiles through `tl.dot` and keeps the k best keys of each row in
+   registers. A tile key enters the set only if it beats the row's current
+   k-th best (the set's minimum): while any row of the block has such a key,
+   each row's best remaining tile key replaces the row's minimum if larger.
+   After the first tiles few keys qualify, so most tiles cost about one max
+   and one compare per element instead of a sort.
+2. `_topk_merge_kernel`, program (row block): tl.topk of the splits' candidates,
+   decoded into values and indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Below every key of a real latent: fills empty slots and masked-out latents.
+_MIN_KEY = tl.constexpr(-(2**63))
+# Above every key: padding slots k..K_PAD-1 of the running set, never its minimum.
+_MAX_KEY = tl.constexpr(2**63 - 1)
+# Low 32 bits of a key: latent ^ INDEX_BASE = INDEX_BASE - latent, in [0, 2^31) for latent < 2^31.
+_INDEX_BASE = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _flip_negative(bits):
+    """The involution taking float32 bit patterns to int32s of the same order (and back):
+    non-negative floats already compare as ints; negative ones compare reversed."""
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _topk_partial_kernel(
+    x_ptr, w_ptr, b_ptr, pre_bias_ptr, mask_ptr, keys_ptr,
+    N, M, d, k, latents_per_split,
+    stride_xn, stride_xd, stride_wm, stride_wd,
+    HAS_PRE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """keys[n, s, :k] = the k largest keys of pre[n, i] over latents i of split s = program 1
+    (latents [s * latents_per_split, (s + 1) * latents_per_split) ∩ [0, M)), unordered,
+    for rows n of row block program 0. Slots no latent filled keep keys below MIN_KEY + k."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    x_rows = rows.to(tl.int64) * stride_xn
+    slot = tl.arange(0, K_PAD)
+    slot64 = slot.to(tl.int64)
+    # Distinct initial keys keep "the slot holding the row minimum" unique.
+    best = tl.broadcast_to(tl.where(slot < k, slot64 + _MIN_KEY, slot64 ^ _MAX_KEY)[None, :], [BLOCK_N, K_PAD])
+    threshold = tl.min(best, axis=1)
+
+    first = tl.program_id(1) * latents_per_split
+    last = tl.minimum(first + latents_per_split, M)
+    for m0 in range(first, last, BLOCK_M):
+        latents = m0 + tl.arange(0, BLOCK_M)
+        latent_ok = latents < last
+        w_rows = latents.to(tl.int64) * stride_wm
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for c0 in range(0, d, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            cols64 = cols.to(tl.int64)
+            x = tl.load(x_ptr + x_rows[:, None] + cols64[None, :] * stride_xd,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_PRE_BIAS:
+                pre_bias = tl.load(pre_bias_ptr + cols, mask=col_ok, other=0.0)
+                # Centre in float32 and round once, as torch does `x - pre_bias` in x's dtype.
+                x = (x.to(tl.float32) - pre_bias.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + w_rows[:, None] + cols64[None, :] * stride_wd,
+                        mask=latent_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        pre = acc + tl.load(b_ptr + latents, mask=latent_ok, other=0.0).to(tl.float32)[None, :]
+        # pre is never -0.0 (the accumulator starts at +0.0), so equal pre have equal bits.
+        bits = _flip_negative(pre.to(tl.int32, bitcast=True))
+        tile = (bits.to(tl.int64) << 32) | (latents.to(tl.int64) ^ _INDEX_BASE)[None, :]
+        keep = latent_ok
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + latents, mask=latent_ok, other=0) != 0)
+        tile = tl.where(keep[None, :], tile, _MIN_KEY)
+
+        top = tl.max(tile, axis=1)
+        while tl.max((top > threshold).to(tl.int32), axis=0) > 0:
+            enters = top > threshold
+            best = tl.where(enters[:, None] & (best == threshold[:, None]), top[:, None], best)
+            threshold = tl.min(best, axis=1)
+            tile = tl.where(tile == top[:, None], _MIN_KEY, tile)
+            top = tl.max(tile, axis=1)
+
+    width = tl.num_programs(1) * k
+    out = keys_ptr + rows.to(tl.int64)[:, None] * width + tl.program_id(1) * k + slot[None, :]
+    tl.store(out, best, mask=row_ok[:, None] & (slot < k)[None, :])
+
+
+@triton.jit
+def _topk_merge_kernel(
+    keys_ptr, values_ptr, indices_ptr, N, width, k,
+    K_PAD: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """For rows n of program 0: the k largest of keys[n, :width], in decreasing order, as
+    values[n, j] = relu(pre) and indices[n, j] = latent."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    c = tl.arange(0, WIDTH_PAD)
+    keys = tl.load(keys_ptr + rows64[:, None] * width + c[None, :],
+                   mask=row_ok[:, None] & (c < width)[None, :], other=_MIN_KEY)
+    top = tl.topk(keys, K_PAD)  # [BLOCK_R, K_PAD], decreasing
+    pre = _flip_negative((top >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+    latent = (top & _INDEX_BASE) ^ _INDEX_BASE
+    j = tl.arange(0, K_PAD)
+    out = rows64[:, None] * k + j[None, :]
+    ok = row_ok[:, None] & (j < k)[None, :]
+    tl.store(values_ptr + out, tl.maximum(pre, 0.0).to(values_ptr.dtype.element_ty), mask=ok)
+    tl.store(indices_ptr + out, latent, mask=ok)
+
+
+def _default_splits(device: torch.device, row_blocks: int, M: int, k_pad: int, block_m: int) -> int:
+    """Enough latent splits for ~2 programs per SM, each split still spanning many k's worth of
+    latents (the running top-k fills up once per split)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), M // (8 * max(k_pad, block_m))))
+
+
+def topk_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+    pre_bias: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
+    *, block_n: int | None = None, block_m: int | None = None, block_d: int | None = None,
+    splits: int | None = None, num_warps: int = 8, num_stages: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N, k] in x's dtype, indices [N, k] int64): the TopK code of
+    relu((x - pre_bias) @ W_enc.T + b_enc) over the latents latent_mask keeps in, rows by
+    decreasing pre-activation, ties to the lower latent.
+
+    Requires 1 <= k <= (number of latents latent_mask keeps in) and M < 2^31. float32 inputs
+    multiply in IEEE float32 (not tf32). Knobs: `block_n` rows x `block_m` latents per tile
+    (both >= 16, powers of two; `block_d` too), `splits` of the latent range run as separate
+    programs (default: enough to fill the GPU), and the launch's `num_warps` / `num_stages`."""
+    N, d = x.shape
+    M = W_enc.shape[0]
+    values = torch.empty(N, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(N, k, dtype=torch.int64, device=x.device)
+    if N == 0:
+        return values, indices
+    k_pad = triton.next_power_of_2(k)
+    sixteen_bit = x.dtype != torch.float32
+    # Register budget (sm_90, 8 warps): the BLOCK_N x BLOCK_M tile of int64 keys, the
+    # BLOCK_N x K_PAD running set, and for float32 the FMA (IEEE) dot, which spills past
+    # 16 tile elements per thread; 16-bit tiles of 64 rows use wgmma.
+    block_n = block_n or max(16, min(64 if sixteen_bit else 32, 4096 // k_pad))
+    block_m = block_m or 128
+    block_d = block_d or (64 if sixteen_bit else 32)
+    row_blocks = triton.cdiv(N, block_n)
+    splits = splits or _default_splits(x.device, row_blocks, M, k_pad, block_m)
+    latents_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, latents_per_split)
+
+    keys = torch.empty(N, splits * k, dtype=torch.int64, device=x.device)
+    _topk_partial_kernel[(row_blocks, splits)](
+        x, W_enc, b_enc.contiguous(), pre_bias.contiguous() if pre_bias is not None else None,
+        latent_mask.contiguous().view(torch.uint8) if latent_mask is not None else None, keys,
+        N, M, d, k, latents_per_split, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        HAS_PRE_BIAS=pre_bias is not None, HAS_MASK=latent_mask is not None,
+        DOT_PRECISION="tf32" if sixteen_bit else "ieee",  # tf32: the default, moot for 16-bit inputs
+        K_PAD=k_pad, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+    )
+    width = splits * k
+    width_pad = triton.next_power_of_2(width)
+    block_r = max(1, min(triton.next_power_of_2(N), 4096 // width_pad))
+    _topk_merge_kernel[(triton.cdiv(N, block_r),)](
+        keys, values, indices, N, width, k, K_PAD=k_pad, WIDTH_PAD=width_pad, BLOCK_R=block_r,
+    )
+    return values, indices
