@@ -23,4 +23,53 @@ void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, cons
                     num_latents, "), got values from ", bound[0], " to ", bound[1]);
 }
 
+namespace {
+
+void check_on_device(const at::Tensor& tensor, const at::Device& device, const char* argument) {
+  TORCH_CHECK_VALUE(tensor.device() == device, argument, ": expected a tensor on ", device, ", got one on ",
+                    tensor.device());
+}
+
+}  // namespace
+
+void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                              const std::optional<at::Tensor>& bias) {
+  check_sparse_code(values, indices);
+  TORCH_CHECK_VALUE(W_dec.dim() == 2, "W_dec: expected shape [M, d], got ", W_dec.sizes());
+  check_same_dtype(W_dec, values, "values");
+  check_on_device(values, W_dec.device(), "values");
+  check_on_device(indices, W_dec.device(), "indices");
+  if (bias.has_value()) {
+    check_same_dtype(W_dec, *bias, "bias");
+    check_on_device(*bias, W_dec.device(), "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == W_dec.size(1), "bias: expected shape [", W_dec.size(1),
+                      "], got ", bias->sizes());
+  }
+  check_indices_in_range(indices, W_dec.size(0), "indices");
+}
+
+void check_gathered_dot_args(const at::Tensor& dense, const at::Tensor& indices, const at::Tensor& W) {
+  TORCH_CHECK_VALUE(dense.dim() == 2 && W.dim() == 2 && dense.size(1) == W.size(1) && indices.dim() == 2 &&
+                        indices.size(0) == dense.size(0),
+                    "gathered_dot: expected dense [N, d], indices [N, k], W [M, d], got ", dense.sizes(), ", ",
+                    indices.sizes(), ", ", W.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
+  check_same_dtype(dense, W, "W");
+  check_on_device(indices, dense.device(), "indices");
+  check_on_device(W, dense.device(), "W");
+  check_indices_in_range(indices, W.size(0), "indices");
+}
+
+void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& dense,
+                                        int64_t num_latents) {
+  check_sparse_code(values, indices);
+  check_same_dtype(dense, values, "values");
+  TORCH_CHECK_VALUE(dense.dim() == 2 && dense.size(0) == values.size(0), "dense: expected shape [N, d] with N = ",
+                    values.size(0), ", got ", dense.sizes());
+  TORCH_CHECK_VALUE(num_latents >= 0, "num_latents: expected a non-negative count, got ", num_latents);
+  check_on_device(values, dense.device(), "values");
+  check_on_device(indices, dense.device(), "indices");
+  check_indices_in_range(indices, num_latents, "indices");
+}
+
 }  // namespace interpkernels

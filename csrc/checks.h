@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace interpkernels {
 
@@ -17,5 +18,13 @@ void check_same_dtype(const at::Tensor& reference, const at::Tensor& other, cons
 // IndexError naming `argument` unless every index lies in [0, num_latents).
 // One min/max reduction; on CUDA one host sync per op, not per element.
 void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, const char* argument);
+
+// Every check of each sparse product's arguments (shapes, dtypes, devices,
+// index range), for the kernels of every device.
+void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                              const std::optional<at::Tensor>& bias);
+void check_gathered_dot_args(const at::Tensor& dense, const at::Tensor& indices, const at::Tensor& W);
+void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& dense,
+                                        int64_t num_latents);
 
 }  // namespace interpkernels

@@ -27,7 +27,7 @@ if "$venv/bin/python" -c "import torch" 2>/dev/null; then
   step "using the installed torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 else
   step "installing $torch_spec"
-  "${pip[@]}" install -q "$torch_spec" || fail "could not install $torch_spec"
+  "${pip[@]}" install -q "$torch_spec" numpy || fail "could not install $torch_spec"
 fi
 
 # Every later install keeps this torch: without the constraint a dependency
@@ -36,9 +36,12 @@ constraints="$venv/interpkernels-constraints.txt"
 "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
 export PIP_CONSTRAINT="$constraints"
 
-step "installing build and test tools"
-"${pip[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy \
-  "pytest>=8" "pytest-benchmark>=4" || fail "could not install the build and test tools"
+# triton: the Triton backend, run by the tests under its interpreter without a
+# GPU (3.6's interpreter breaks with numpy >= 2.4, hence >= 3.7 here).
+step "installing build, runtime and test dependencies"
+"${pip[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy safetensors \
+  matplotlib "triton>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" \
+  || fail "could not install the build, runtime and test dependencies"
 
 build_flags=()
 torch_has_cuda=$("$venv/bin/python" -c "import torch; print(int(torch.version.cuda is not None))")

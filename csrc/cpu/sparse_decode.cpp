@@ -75,17 +75,10 @@ void sparse_transpose_matmul_rows(const scalar_t* values, const scalar_t* dense,
 
 at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                              const std::optional<at::Tensor>& bias) {
-  check_sparse_code(values, indices);
-  check_same_dtype(W_dec, values, "values");
-  const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
-  check_indices_in_range(indices, M, "indices");
+  check_sparse_decode_args(values, indices, W_dec, bias);
+  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
   const at::Tensor values_c = values.contiguous(), indices_c = indices.contiguous(), weight = W_dec.contiguous();
-  at::Tensor bias_c;
-  if (bias.has_value()) {
-    check_same_dtype(W_dec, *bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d, "bias: expected shape [", d, "], got ", bias->sizes());
-    bias_c = bias->contiguous();
-  }
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({N, d}, W_dec.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W_dec.scalar_type(), "sparse_decode_cpu", [&] {
     sparse_decode_rows<scalar_t>(values_c.data_ptr<scalar_t>(), indices_c.data_ptr<int64_t>(),
@@ -96,14 +89,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
 }
 
 at::Tensor gathered_dot_cpu(const at::Tensor& dense, const at::Tensor& indices, const at::Tensor& W) {
-  TORCH_CHECK_VALUE(dense.dim() == 2 && W.dim() == 2 && dense.size(1) == W.size(1) && indices.dim() == 2 &&
-                        indices.size(0) == dense.size(0),
-                    "gathered_dot: expected dense [N, d], indices [N, k], W [M, d], got ", dense.sizes(), ", ",
-                    indices.sizes(), ", ", W.sizes());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
-  check_same_dtype(dense, W, "W");
+  check_gathered_dot_args(dense, indices, W);
   const int64_t N = indices.size(0), k = indices.size(1), d = W.size(1);
-  check_indices_in_range(indices, W.size(0), "indices");
   const at::Tensor dense_c = dense.contiguous(), indices_c = indices.contiguous(), weight = W.contiguous();
   at::Tensor out = at::empty({N, k}, dense.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "gathered_dot_cpu", [&] {
@@ -115,12 +102,7 @@ at::Tensor gathered_dot_cpu(const at::Tensor& dense, const at::Tensor& indices, 
 
 std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor& values, const at::Tensor& indices,
                                                               const at::Tensor& dense, int64_t num_latents) {
-  check_sparse_code(values, indices);
-  check_same_dtype(dense, values, "values");
-  TORCH_CHECK_VALUE(dense.dim() == 2 && dense.size(0) == values.size(0),
-                    "dense: expected shape [N, d] with N = ", values.size(0), ", got ", dense.sizes());
-  TORCH_CHECK_VALUE(num_latents >= 0, "num_latents: expected a non-negative count, got ", num_latents);
-  check_indices_in_range(indices, num_latents, "indices");
+  check_sparse_transpose_matmul_args(values, indices, dense, num_latents);
   const int64_t k = values.size(1), d = dense.size(1);
   const LatentGroups groups = group_by_latent(indices, num_latents);
   const at::Tensor values_c = values.contiguous(), dense_c = dense.contiguous();

@@ -25,11 +25,6 @@ namespace {
 
 namespace kernels = interpkernels::cuda;
 
-void check_on_device(const at::Tensor& tensor, const at::Device& device, const char* argument) {
-  TORCH_CHECK_VALUE(tensor.device() == device, argument, ": expected a tensor on ", device, ", got one on ",
-                    tensor.device());
-}
-
 // Calls fn with a value of the kernel element type for dtype. __half and
 // __nv_bfloat16 have the bit layout of at::Half and at::BFloat16, so tensor
 // data is passed by reinterpret_cast.
@@ -66,20 +61,9 @@ void check_launch(cudaError_t status, const char* kernel) {
 
 at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& bias) {
-  check_sparse_code(values, indices);
-  TORCH_CHECK_VALUE(W_dec.dim() == 2, "W_dec: expected shape [M, d], got ", W_dec.sizes());
-  check_same_dtype(W_dec, values, "values");
-  const at::Device device = W_dec.device();
-  check_on_device(values, device, "values");
-  check_on_device(indices, device, "indices");
-  const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
-  if (bias.has_value()) {
-    check_same_dtype(W_dec, *bias, "bias");
-    check_on_device(*bias, device, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d, "bias: expected shape [", d, "], got ", bias->sizes());
-  }
-  const c10::cuda::CUDAGuard device_guard(device);
-  check_indices_in_range(indices, M, "indices");
+  const c10::cuda::CUDAGuard device_guard(W_dec.device());
+  check_sparse_decode_args(values, indices, W_dec, bias);
+  const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
 
   at::Tensor out = at::empty({N, d}, W_dec.options());
   if (out.numel() == 0) return out;
@@ -98,18 +82,9 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indice
 }
 
 at::Tensor gathered_dot_cuda(const at::Tensor& dense, const at::Tensor& indices, const at::Tensor& W) {
-  TORCH_CHECK_VALUE(dense.dim() == 2 && W.dim() == 2 && dense.size(1) == W.size(1) && indices.dim() == 2 &&
-                        indices.size(0) == dense.size(0),
-                    "gathered_dot: expected dense [N, d], indices [N, k], W [M, d], got ", dense.sizes(), ", ",
-                    indices.sizes(), ", ", W.sizes());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
-  check_same_dtype(dense, W, "W");
-  const at::Device device = dense.device();
-  check_on_device(indices, device, "indices");
-  check_on_device(W, device, "W");
+  const c10::cuda::CUDAGuard device_guard(dense.device());
+  check_gathered_dot_args(dense, indices, W);
   const int64_t N = indices.size(0), k = indices.size(1), d = W.size(1);
-  const c10::cuda::CUDAGuard device_guard(device);
-  check_indices_in_range(indices, W.size(0), "indices");
 
   at::Tensor out = at::empty({N, k}, dense.options());
   if (out.numel() == 0) return out;
@@ -127,17 +102,9 @@ at::Tensor gathered_dot_cuda(const at::Tensor& dense, const at::Tensor& indices,
 
 std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor& values, const at::Tensor& indices,
                                                                const at::Tensor& dense, int64_t num_latents) {
-  check_sparse_code(values, indices);
-  check_same_dtype(dense, values, "values");
-  TORCH_CHECK_VALUE(dense.dim() == 2 && dense.size(0) == values.size(0),
-                    "dense: expected shape [N, d] with N = ", values.size(0), ", got ", dense.sizes());
-  TORCH_CHECK_VALUE(num_latents >= 0, "num_latents: expected a non-negative count, got ", num_latents);
-  const at::Device device = dense.device();
-  check_on_device(values, device, "values");
-  check_on_device(indices, device, "indices");
+  const c10::cuda::CUDAGuard device_guard(dense.device());
+  check_sparse_transpose_matmul_args(values, indices, dense, num_latents);
   const int64_t k = values.size(1), d = dense.size(1), num_entries = values.numel();
-  const c10::cuda::CUDAGuard device_guard(device);
-  check_indices_in_range(indices, num_latents, "indices");
 
   if (num_entries == 0) {
     return {at::zeros({num_latents, d}, dense.options()), at::zeros({num_latents}, values.options())};

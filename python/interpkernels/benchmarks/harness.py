@@ -36,6 +36,37 @@ class Case:
     baseline: str
 
 
+def op_case(op: str, mode: str, shape: dict, dtype: torch.dtype, implementations: dict[str, Callable],
+            baseline: str, make_inputs: Callable, call: Callable) -> Case:
+    """A case timing each implementation of one op on the same inputs.
+
+    make_inputs(device, dtype, **shape) -> (inputs, grad_output); call(impl,
+    inputs) -> the output. mode "forward" runs under no_grad; "fwd+bwd" adds
+    the gradients of every float input for grad_output.
+    """
+    if mode not in ("forward", "fwd+bwd"):
+        raise ValueError(f"mode: expected 'forward' or 'fwd+bwd', got {mode!r}")
+
+    def make(device):
+        inputs, grad_output = make_inputs(device, dtype, **shape)
+        leaves = [t.requires_grad_() for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+        def bind(impl):
+            def forward():
+                with torch.no_grad():
+                    return call(impl, inputs)
+
+            def training():
+                return torch.autograd.grad(call(impl, inputs), leaves, grad_output)
+
+            return forward if mode == "forward" else training
+
+        return {name: bind(impl) for name, impl in implementations.items()}
+
+    label = " ".join([mode, *(f"{key}={value}" for key, value in shape.items()), str(dtype).removeprefix("torch.")])
+    return Case(op, label, dict(shape, dtype=str(dtype)), make, baseline)
+
+
 @dataclass
 class Measurement:
     case: Case

@@ -29,49 +29,46 @@ from interpkernels import _validation as v
 from interpkernels.ops.topk_encode import topk_encode
 
 
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
+class _ThresholdFunction(torch.autograd.Function):
+    """A step at the code's entries: inputs (pre, theta gathered per entry, eps)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pre, theta, bandwidth = inputs
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def rectangle(ctx, pre, theta):
+        """rect((pre - theta) / eps) / eps: the straight-through kernel."""
+        u = (pre - theta) / ctx.bandwidth
+        return (u.abs() < 0.5).to(u.dtype) / ctx.bandwidth
 
 
-class _JumpReLU(torch.autograd.Function):
-    """f = pre * 1[pre > theta] at the code's entries; theta already gathered."""
+class _JumpReLU(_ThresholdFunction):
+    """f = pre * 1[pre > theta]; d f / d theta = -theta * rect((pre - theta)/eps) / eps."""
 
     @staticmethod
     def forward(pre, theta, bandwidth):
         return pre * (pre > theta)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        pre, theta, bandwidth = inputs
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-
-    @staticmethod
     def backward(ctx, grad_f):
         pre, theta = ctx.saved_tensors
-        grad_pre = grad_f * (pre > theta)
-        grad_theta = -grad_f * (theta / ctx.bandwidth) * _rectangle((pre - theta) / ctx.bandwidth)
-        return grad_pre, grad_theta, None
+        return grad_f * (pre > theta), -grad_f * theta * _ThresholdFunction.rectangle(ctx, pre, theta), None
 
 
-class _StepL0(torch.autograd.Function):
-    """1[pre > theta] with the straight-through gradient -(1/eps) rect(.) for theta."""
+class _StepL0(_ThresholdFunction):
+    """1[pre > theta]; d / d theta = -rect((pre - theta)/eps) / eps, nothing for pre."""
 
     @staticmethod
     def forward(pre, theta, bandwidth):
         return (pre > theta).to(pre.dtype)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        pre, theta, bandwidth = inputs
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-
-    @staticmethod
     def backward(ctx, grad_step):
         pre, theta = ctx.saved_tensors
-        grad_theta = -grad_step / ctx.bandwidth * _rectangle((pre - theta) / ctx.bandwidth)
-        return None, grad_theta, None
+        return None, -grad_step * _ThresholdFunction.rectangle(ctx, pre, theta), None
 
 
 def jumprelu_encode(
