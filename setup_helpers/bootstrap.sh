@@ -3,6 +3,10 @@
 # the build and test tools, and the extension built against that torch.
 # Safe to re-run: existing pieces are kept and the build is incremental.
 #
+#   bash setup_helpers/bootstrap.sh [--with-peers]
+#   --with-peers          also install the peer SAE libraries the adapter tests
+#                         run against (setup_helpers/peer-requirements.txt, ~770 MB)
+#
 #   INTERPKERNELS_VENV    where the environment lives (default: .venv in the repo)
 #   INTERPKERNELS_TORCH   torch requirement installed when no torch imports
 #                         (default torch==2.13.0: other specs pull GBs of CUDA wheels)
@@ -13,6 +17,12 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${INTERPKERNELS_VENV:-$repo/.venv}
 torch_spec=${INTERPKERNELS_TORCH:-torch==2.13.0}
 python=${INTERPKERNELS_PYTHON:-python3}
+with_peers=0
+case "${1:-}" in
+  --with-peers) with_peers=1 ;;
+  "") ;;
+  *) echo "usage: bash setup_helpers/bootstrap.sh [--with-peers]" >&2; exit 2 ;;
+esac
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 fail() { printf '\nbootstrap failed: %s\n' "$*" >&2; exit 1; }
@@ -42,6 +52,14 @@ step "installing build, runtime and test dependencies"
 "${pip[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy safetensors \
   matplotlib "triton>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" \
   || fail "could not install the build, runtime and test dependencies"
+
+if [ "$with_peers" = 1 ]; then
+  # --no-deps: the file pins the peers with everything they import; resolving
+  # their declared dependencies would pull a torchvision that breaks this torch.
+  step "installing the peer libraries (eai-sparsify, sae-lens, dictionary-learning)"
+  "${pip[@]}" install -q --no-deps -r "$repo/setup_helpers/peer-requirements.txt" \
+    || fail "could not install the peer libraries of setup_helpers/peer-requirements.txt"
+fi
 
 build_flags=()
 torch_has_cuda=$("$venv/bin/python" -c "import torch; print(int(torch.version.cuda is not None))")

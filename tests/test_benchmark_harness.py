@@ -11,9 +11,11 @@ from interpkernels.benchmarks import OPS
 from interpkernels.benchmarks.harness import format_table, run_cases, write_csv
 
 QUICK_CASES = [case for module in OPS.values() for case in module.cases(quick=True)]
+# Cases whose implementations compute one function (the training-step case compares different models).
+SAME_FUNCTION_CASES = [case for case in QUICK_CASES if case.op != "sae_training_step"]
 
 
-@pytest.mark.parametrize("case", QUICK_CASES, ids=lambda case: case.op)
+@pytest.mark.parametrize("case", SAME_FUNCTION_CASES, ids=lambda case: case.op)
 def test_implementations_of_a_case_agree(case):
     results = {name: fn() for name, fn in case.make(torch.device("cpu")).items()}
     baseline = results.pop(case.baseline)

@@ -4,6 +4,6 @@
 module (`python -m interpkernels.benchmarks.<op>`) defines its cases.
 """
 
-from interpkernels.benchmarks import sparse_decode, topk_encode
+from interpkernels.benchmarks import sae_training_step, sparse_decode, topk_encode
 
-OPS = {"topk_encode": topk_encode, "sparse_decode": sparse_decode}
+OPS = {"topk_encode": topk_encode, "sparse_decode": sparse_decode, "sae_training_step": sae_training_step}
