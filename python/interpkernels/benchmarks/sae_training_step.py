@@ -9,6 +9,7 @@ are not installed (setup_helpers/peer-requirements.txt) are left out.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 
@@ -45,6 +46,8 @@ def _peer_steps(d: int, M: int, k: int, x: torch.Tensor) -> dict[str, Callable]:
     steps = {}
     device = x.device
     if _installed("sparsify"):
+        if device.type == "cpu":  # sparsify picks its Triton decoder whenever triton imports, GPU or not
+            os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
         from sparsify import SparseCoder, SparseCoderConfig
 
         from interpkernels.integrations import sparsify as adapter
