@@ -10,8 +10,9 @@ float64, returns float32 (float64 for float64 inputs), and is differentiable:
 
     d fvu / d out = 2 (out - y) / V,   d fvu / d y = -2 (out - y) / V - fvu * 2 (y - mean(y)) / V
 
-with V the total variance. Kernels: csrc/cpu/sae_training.cpp; the "torch"
-backend (and devices without a kernel) run the same math in torch ops.
+with V the total variance. Kernels: csrc/cpu/sae_training.cpp. There is no
+GPU kernel yet: on CUDA ("auto" or "triton") and with backend="torch" the
+same math runs as torch ops.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from interpkernels import reference
 from interpkernels._backends import resolve
 
 _ops = torch.ops.interpkernels
+
+
+def _runs_torch_math(op: str, backend: str | None, device: torch.device) -> bool:
+    return resolve(op, backend, device) in ("torch", "triton")
 
 
 def _require_rows(name: str, tensor: object) -> torch.Tensor:
@@ -40,7 +45,7 @@ def remove_parallel_component_(grad: torch.Tensor, weight: torch.Tensor, *, back
     v.require_shape("weight", weight, grad.shape, f"{list(grad.shape)} (the shape of grad)")
     v.require_same_device("grad", grad, weight=weight)
     v.require_same_dtype("grad", grad, weight=weight)
-    if resolve("remove_parallel_component_", backend, grad.device) == "torch":
+    if _runs_torch_math("remove_parallel_component_", backend, grad.device):
         direction = weight / weight.norm(dim=-1, keepdim=True)
         grad.sub_((grad * direction).sum(-1, keepdim=True) * direction)
         return
@@ -51,7 +56,7 @@ def remove_parallel_component_(grad: torch.Tensor, weight: torch.Tensor, *, back
 def normalize_rows_(weight: torch.Tensor, *, backend: str | None = None) -> None:
     """In place: every row of weight to unit L2 norm (zero rows stay zero)."""
     _require_rows("weight", weight)
-    if resolve("normalize_rows_", backend, weight.device) == "torch":
+    if _runs_torch_math("normalize_rows_", backend, weight.device):
         weight.div_(weight.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny))
         return
     _ops.normalize_rows_.default(weight)
@@ -67,7 +72,7 @@ def fvu(reconstruction: torch.Tensor, target: torch.Tensor, *, backend: str | No
         raise ValueError(f"target: expected a tensor of shape [..., d], got {v.describe(target)}")
     dtype = torch.promote_types(reconstruction.dtype, target.dtype)  # bf16 output vs float32 target
     reconstruction, target = reconstruction.to(dtype), target.to(dtype)
-    if resolve("fvu", backend, target.device) == "torch":
+    if _runs_torch_math("fvu", backend, target.device):
         return reference.fvu(reconstruction.float() if dtype != torch.float64 else reconstruction,
                              target.float() if dtype != torch.float64 else target)
     d = target.shape[-1]
