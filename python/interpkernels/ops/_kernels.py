@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 
 _ops = torch.ops.interpkernels
-_OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul")
+_OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "remove_parallel_component_",
+             "normalize_rows_", "fvu")
 
 
 class Kernels(NamedTuple):
@@ -23,6 +24,14 @@ class Kernels(NamedTuple):
     sparse_decode: torch._ops.OpOverload
     gathered_dot: torch._ops.OpOverload
     sparse_transpose_matmul: torch._ops.OpOverload
+    remove_parallel_component_: torch._ops.OpOverload
+    normalize_rows_: torch._ops.OpOverload
+    fvu: torch._ops.OpOverload
+
+
+def triton_name(name: str) -> str:
+    """sparse_decode -> sparse_decode_triton; in-place ops keep their trailing underscore."""
+    return name.rstrip("_") + "_triton" + ("_" if name.endswith("_") else "")
 
 
 def _triton_kernels():
@@ -73,17 +82,33 @@ def _sparse_transpose_matmul_triton(values, indices, dense, num_latents):
     return _triton_kernels().sparse_transpose_matmul(values, indices, dense, num_latents)
 
 
+def _remove_parallel_component_triton(grad, weight):
+    _check_triton_dtype(grad)
+    _triton_kernels().remove_parallel_component_(grad, weight)
+
+
+def _normalize_rows_triton(weight):
+    _check_triton_dtype(weight)
+    _triton_kernels().normalize_rows_(weight)
+
+
+def _fvu_triton(reconstruction, target):
+    _check_triton_dtype(target)
+    return _triton_kernels().fvu(reconstruction, target)
+
+
 _library = torch.library.Library("interpkernels", "FRAGMENT")
 for _name, _impl in zip(_OP_NAMES, (_topk_encode_triton, _sparse_decode_triton, _gathered_dot_triton,
-                                    _sparse_transpose_matmul_triton)):
+                                    _sparse_transpose_matmul_triton, _remove_parallel_component_triton,
+                                    _normalize_rows_triton, _fvu_triton)):
     # Same schema as the C++ op, under the _triton name.
     _schema = str(getattr(_ops, _name).default._schema).split("(", 1)[1]
-    _library.define(f"{_name}_triton({_schema}")
+    _library.define(f"{triton_name(_name)}({_schema}")
     for _device in ("CPU", "CUDA"):
-        _library.impl(f"{_name}_triton", _impl, _device)
+        _library.impl(triton_name(_name), _impl, _device)
 
 NATIVE = Kernels(*(getattr(_ops, name).default for name in _OP_NAMES))
-TRITON = Kernels(*(getattr(_ops, f"{name}_triton").default for name in _OP_NAMES))
+TRITON = Kernels(*(getattr(_ops, triton_name(name)).default for name in _OP_NAMES))
 
 
 def kernels(backend: str) -> Kernels:

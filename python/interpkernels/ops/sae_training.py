@@ -10,9 +10,8 @@ float64, returns float32 (float64 for float64 inputs), and is differentiable:
 
     d fvu / d out = 2 (out - y) / V,   d fvu / d y = -2 (out - y) / V - fvu * 2 (y - mean(y)) / V
 
-with V the total variance. Kernels: csrc/cpu/sae_training.cpp. There is no
-GPU kernel yet: on CUDA ("auto" or "triton") and with backend="torch" the
-same math runs as torch ops.
+with V the total variance. Kernels: csrc/cpu/sae_training.cpp and
+interpkernels.triton_kernels.sae_training (the GPU path: "auto" on CUDA).
 """
 
 from __future__ import annotations
@@ -22,12 +21,7 @@ import torch
 from interpkernels import _validation as v
 from interpkernels import reference
 from interpkernels._backends import resolve
-
-_ops = torch.ops.interpkernels
-
-
-def _runs_torch_math(op: str, backend: str | None, device: torch.device) -> bool:
-    return resolve(op, backend, device) in ("torch", "triton")
+from interpkernels.ops._kernels import NATIVE, TRITON, kernels
 
 
 def _require_rows(name: str, tensor: object) -> torch.Tensor:
@@ -45,21 +39,23 @@ def remove_parallel_component_(grad: torch.Tensor, weight: torch.Tensor, *, back
     v.require_shape("weight", weight, grad.shape, f"{list(grad.shape)} (the shape of grad)")
     v.require_same_device("grad", grad, weight=weight)
     v.require_same_dtype("grad", grad, weight=weight)
-    if _runs_torch_math("remove_parallel_component_", backend, grad.device):
+    backend = resolve("remove_parallel_component_", backend, grad.device)
+    if backend == "torch":
         direction = weight / weight.norm(dim=-1, keepdim=True)
         grad.sub_((grad * direction).sum(-1, keepdim=True) * direction)
         return
-    _ops.remove_parallel_component_.default(grad, weight)
+    kernels(backend).remove_parallel_component_(grad, weight)
 
 
 @torch.no_grad()
 def normalize_rows_(weight: torch.Tensor, *, backend: str | None = None) -> None:
     """In place: every row of weight to unit L2 norm (zero rows stay zero)."""
     _require_rows("weight", weight)
-    if _runs_torch_math("normalize_rows_", backend, weight.device):
+    backend = resolve("normalize_rows_", backend, weight.device)
+    if backend == "torch":
         weight.div_(weight.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny))
         return
-    _ops.normalize_rows_.default(weight)
+    kernels(backend).normalize_rows_(weight)
 
 
 def fvu(reconstruction: torch.Tensor, target: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -72,25 +68,19 @@ def fvu(reconstruction: torch.Tensor, target: torch.Tensor, *, backend: str | No
         raise ValueError(f"target: expected a tensor of shape [..., d], got {v.describe(target)}")
     dtype = torch.promote_types(reconstruction.dtype, target.dtype)  # bf16 output vs float32 target
     reconstruction, target = reconstruction.to(dtype), target.to(dtype)
-    if _runs_torch_math("fvu", backend, target.device):
+    backend = resolve("fvu", backend, target.device)
+    if backend == "torch":
         return reference.fvu(reconstruction.float() if dtype != torch.float64 else reconstruction,
                              target.float() if dtype != torch.float64 else target)
     d = target.shape[-1]
-    return _ops.fvu.default(reconstruction.reshape(-1, d), target.reshape(-1, d))[0]
+    return kernels(backend).fvu(reconstruction.reshape(-1, d), target.reshape(-1, d))[0]
 
 
-@torch.library.register_fake("interpkernels::remove_parallel_component_")
-def _(grad, weight):
+def _in_place_fake(*args):
     return None
 
 
-@torch.library.register_fake("interpkernels::normalize_rows_")
-def _(weight):
-    return None
-
-
-@torch.library.register_fake("interpkernels::fvu")
-def _(reconstruction, target):
+def _fvu_fake(reconstruction, target):
     dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
     return target.new_empty((), dtype=dtype), target.new_empty((), dtype=dtype)
 
@@ -115,4 +105,8 @@ def _fvu_backward(ctx, grad_fvu, _grad_total_variance):
     return grad_reconstruction, grad_target
 
 
-torch.library.register_autograd("interpkernels::fvu", _fvu_backward, setup_context=_fvu_setup)
+for _kernels in (NATIVE, TRITON):
+    torch.library.register_fake(_kernels.remove_parallel_component_, _in_place_fake)
+    torch.library.register_fake(_kernels.normalize_rows_, _in_place_fake)
+    torch.library.register_fake(_kernels.fvu, _fvu_fake)
+    torch.library.register_autograd(_kernels.fvu, _fvu_backward, setup_context=_fvu_setup)
