@@ -29,3 +29,28 @@ def test_sae_step_compiles_without_graph_breaks(dynamic):
             results.append([loss.detach(), *(leaf.grad for leaf in leaves)])
         for eager, compiled_result in zip(*results):
             torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_topk_sae_module_with_auxk_compiles_without_graph_breaks():
+    """The module path: encode, decode, the FVU op, AuxK with a dead mask, backward."""
+    from interpkernels.nn import TopKSAE
+
+    torch._dynamo.reset()
+    module = TopKSAE(12, 64, 4, k_aux=6, seed=0)
+    x = torch.randn(40, 12)
+    dead = torch.arange(64) % 3 == 0
+
+    def loss(x, dead):
+        out = module(x, dead_mask=dead)
+        return out.fvu + out.auxk_loss
+
+    compiled = torch.compile(loss, fullgraph=True)
+    results = []
+    for fn in (loss, compiled):
+        module.zero_grad()
+        value = fn(x, dead)
+        value.backward()
+        results.append([value.detach(), *(p.grad.clone() for p in module.parameters())])
+    for eager, compiled_result in zip(*results):
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-6)
