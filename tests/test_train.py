@@ -28,6 +28,15 @@ def test_training_reduces_fvu_and_writes_checkpoints(tmp_path):
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))
 
 
+def test_auxk_runs_once_latents_are_dead():
+    data = demo.SyntheticActivations.make(16, 32, 2.0, seed=0)
+    sae = TopKSAE(16, 128, 4, seed=0)  # 4x more latents than features: some die
+    history = train(sae, data.batches(256), steps=60, lr=3e-3, log_every=20, dead_after_tokens=1000, progress=False)
+    assert history.dead_latents[0] > 0
+    assert history.auxk_loss[0] == 0  # nothing was known dead before the first check
+    assert all(loss > 0 for loss in history.auxk_loss[1:])
+
+
 def test_training_jumprelu_and_transcoders_under_bf16_autocast():
     data = demo.SyntheticActivations.make(8, 16, 2.0, seed=0)
     jump = JumpReLUSAE(8, 32, 8, seed=0)

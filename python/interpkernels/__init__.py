@@ -10,12 +10,11 @@ Dense pure-torch versions of each op live in interpkernels.reference.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from interpkernels import _C  # noqa: F401  (registers the ops with the dispatcher)
 from interpkernels import reference
+from interpkernels._backends import triton_usable
 from interpkernels._build_info import build_info as _compiled_build_info
 from interpkernels.ops import batch_topk_encode, jumprelu_encode, multi_target_decode, sparse_decode, topk_encode
 
@@ -26,8 +25,9 @@ def build_info() -> dict:
     """How this copy was built and what it can run on.
 
     Keys: version, torch_built_against, torch_running, backends (those usable
-    here: "cpu", "cuda" when CUDA kernels were compiled and a GPU is visible,
-    "triton" when triton imports), cuda_compiled, cuda_archs, openmp_version,
+    here: "cpu"; "cuda" when CUDA kernels were compiled and a GPU is visible;
+    "triton" when triton is installed and a GPU is visible or
+    TRITON_INTERPRET=1), cuda_compiled, cuda_archs, openmp_version,
     openmp_max_threads.
     """
     info = dict(_compiled_build_info())
@@ -35,7 +35,7 @@ def build_info() -> dict:
     backends = ["cpu"]
     if info["cuda_compiled"] and torch.cuda.is_available():
         backends.append("cuda")
-    if importlib.util.find_spec("triton") is not None:
+    if triton_usable(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         backends.append("triton")
     info["backends"] = backends
     return info

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"synthetic tokens with {args.features} true features on {device}", file=sys.stderr)
     started = time.perf_counter()
     history = train(sae, data.batches(args.batch_size), steps=args.steps, lr=args.lr,
-                    dead_after_tokens=20 * args.batch_size * 10, log_every=max(args.steps // 100, 1))
+                    dead_after_tokens=200 * args.batch_size, log_every=max(args.steps // 100, 1))
     train_seconds = time.perf_counter() - started
 
     with torch.no_grad():

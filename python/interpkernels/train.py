@@ -7,9 +7,9 @@ SAE, ``(input, target)`` pairs for a transcoder; :func:`memmap_batches`
 streams them from a raw array file on disk. Per step: forward (with AuxK on
 the latents dead for `dead_after_tokens` tokens), backward, the decoder
 gradient's component along each row removed, Adam, decoder rows back to unit
-norm (the last two for SAEs). Dead-latent
-counting stays on the device: nothing waits for the GPU except the progress
-line every `log_every` steps.
+norm (the SAE-only steps). Dead-latent counting stays on the device: nothing
+waits for the GPU except the progress line every `log_every` steps, which
+also decides whether AuxK (a second encoder pass) runs until the next one.
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def train(
     for step in range(1, steps + 1):
         x, target = _split(next(batch_iter))
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            out = module(x, target, dead_mask=dead.dead_mask(dead_after_tokens))
+            # AuxK costs a second encoder pass: run it once the last progress check
+            # (the loop's only host sync) found dead latents.
+            any_dead = bool(history.dead_latents) and history.dead_latents[-1] > 0
+            out = module(x, target, dead_mask=dead.dead_mask(dead_after_tokens) if any_dead else None)
         loss = out.fvu + auxk_coefficient * out.auxk_loss
         if isinstance(module, JumpReLUSAE):
             loss = loss + sparsity_coefficient * out.l0
