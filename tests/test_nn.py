@@ -91,6 +91,15 @@ def test_cross_layer_transcoder_decodes_each_code_to_later_layers():
     assert all(p.grad is not None for p in module.parameters())
 
 
+def test_cross_layer_transcoder_save_and_load(tmp_path):
+    module = ik_nn.CrossLayerTranscoder(3, 8, 20, 3, seed=0)
+    module.save(tmp_path / "clt.safetensors")
+    loaded = ik_nn.SafetensorsModule.load(tmp_path / "clt.safetensors")
+    assert type(loaded) is ik_nn.CrossLayerTranscoder and loaded.config == module.config
+    for (name, p), (_, q) in zip(module.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("cls", [*SAE_CLASSES, ik_nn.Transcoder], ids=lambda c: c.__name__)
 def test_save_and_load_round_trip(cls, tmp_path):
     module = randomize_(cls(8, 24, 3, seed=0))

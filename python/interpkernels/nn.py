@@ -45,7 +45,36 @@ def unit_rows(shape: tuple[int, ...], generator: torch.Generator | None = None) 
     return weight / weight.norm(dim=-1, keepdim=True)
 
 
-class SparseCoder(nn.Module):
+class SafetensorsModule(nn.Module):
+    """Saving to and loading from one safetensors file: the state dict, plus
+    the class name and ``config`` (the constructor's arguments) as metadata."""
+
+    config: dict
+
+    def save(self, path: str | Path) -> None:
+        """Parameters and config to one safetensors file."""
+        from safetensors.torch import save_file
+
+        tensors = {name: p.detach().contiguous() for name, p in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"class": type(self).__name__, "config": json.dumps(self.config)})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SafetensorsModule:
+        """Rebuild a module saved by :meth:`save` (any subclass)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        module_class = MODULES[metadata["class"]]
+        if not issubclass(module_class, cls):
+            raise TypeError(f"path: holds a {metadata['class']}, not a {cls.__name__}")
+        module = module_class(**json.loads(metadata["config"]))
+        module.load_state_dict(load_file(str(path), device=str(device)))
+        return module.to(device)
+
+
+class SparseCoder(SafetensorsModule):
     """Shared machinery: parameters, encode/decode/forward, AuxK, safetensors I/O.
 
     Parameters: ``W_enc [M, d_in]``, ``b_enc [M]``, ``W_dec [M, d_out]``,
@@ -134,29 +163,6 @@ class SparseCoder(nn.Module):
         if self.W_dec.grad is not None:
             sae_training.remove_parallel_component_(self.W_dec.grad, self.W_dec.data, backend=self.backend)
 
-    def save(self, path: str | Path) -> None:
-        """Parameters and config to one safetensors file."""
-        from safetensors.torch import save_file
-
-        tensors = {name: p.detach().contiguous() for name, p in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"class": type(self).__name__, "config": json.dumps(self.config)})
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
-        """Rebuild a module saved by :meth:`save` (any subclass)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-        module_class = MODULES[metadata["class"]]
-        if not issubclass(module_class, cls):
-            raise TypeError(f"path: holds a {metadata['class']}, not a {cls.__name__}")
-        module = module_class(**json.loads(metadata["config"]))
-        module.load_state_dict(load_file(str(path), device=str(device)))
-        return module.to(device)
-
-
 class TopKSAE(SparseCoder):
     """``values, indices = top-k of relu((x - b_dec) @ W_enc.T + b_enc)``."""
 
@@ -229,7 +235,7 @@ class Transcoder(SparseCoder):
         return super().forward(x, target, dead_mask=dead_mask)
 
 
-class CrossLayerTranscoder(nn.Module):
+class CrossLayerTranscoder(SafetensorsModule):
     """L layers of ``M`` latents each; layer l encodes its MLP input and its
     code decodes to the MLP outputs of layers l, l+1, ..., L-1 through one
     multi-target decode (the code read once). The decoder of layer l is
@@ -268,7 +274,8 @@ class CrossLayerTranscoder(nn.Module):
         return [out + self.b_dec[layer] for layer, out in enumerate(outputs)]
 
     def forward(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> SparseCoderOutput:
-        """FVU over all layers together; values/indices stacked ``[L, ..., k]``."""
+        """FVU over all layers together; values/indices stacked ``[L, ..., k]``;
+        no AuxK yet (``auxk_loss`` is 0)."""
         codes = self.encode(inputs)
         reconstructions = self.decode(codes)
         error = sum((out.float() - y.float()).square().sum() for out, y in zip(reconstructions, targets))
@@ -280,4 +287,4 @@ class CrossLayerTranscoder(nn.Module):
         return SparseCoderOutput(torch.stack(reconstructions), values, indices, fvu, fvu.new_zeros(()), l0)
 
 
-MODULES = {cls.__name__: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder)}
+MODULES = {cls.__name__: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder, CrossLayerTranscoder)}
