@@ -23,14 +23,37 @@ void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, cons
                     num_latents, "), got values from ", bound[0], " to ", bound[1]);
 }
 
-namespace {
-
 void check_on_device(const at::Tensor& tensor, const at::Device& device, const char* argument) {
   TORCH_CHECK_VALUE(tensor.device() == device, argument, ": expected a tensor on ", device, ", got one on ",
                     tensor.device());
 }
 
-}  // namespace
+void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k,
+                            const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& latent_mask) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && W_enc.dim() == 2 && x.size(1) == W_enc.size(1),
+                    "topk_encode: expected x [N, d] and W_enc [M, d], got ", x.sizes(), " and ", W_enc.sizes());
+  const int64_t d = x.size(1), M = W_enc.size(0);
+  TORCH_CHECK_VALUE(b_enc.dim() == 1 && b_enc.size(0) == M, "b_enc: expected shape [", M, "], got ", b_enc.sizes());
+  check_same_dtype(x, W_enc, "W_enc");
+  check_same_dtype(x, b_enc, "b_enc");
+  check_on_device(W_enc, x.device(), "W_enc");
+  check_on_device(b_enc, x.device(), "b_enc");
+  if (pre_bias.has_value()) {
+    TORCH_CHECK_VALUE(pre_bias->dim() == 1 && pre_bias->size(0) == d, "pre_bias: expected shape [", d, "], got ",
+                      pre_bias->sizes());
+    check_same_dtype(x, *pre_bias, "pre_bias");
+    check_on_device(*pre_bias, x.device(), "pre_bias");
+  }
+  TORCH_CHECK_VALUE(k >= 1 && k <= M, "k: expected 1 <= k <= M = ", M, ", got ", k);
+  if (latent_mask.has_value()) {
+    TORCH_CHECK_TYPE(latent_mask->scalar_type() == at::kBool && latent_mask->dim() == 1 && latent_mask->size(0) == M,
+                     "latent_mask: expected a bool tensor of shape [", M, "], got ", latent_mask->scalar_type(), " ",
+                     latent_mask->sizes());
+    check_on_device(*latent_mask, x.device(), "latent_mask");
+    const int64_t kept = latent_mask->sum().item<int64_t>();
+    TORCH_CHECK_VALUE(k <= kept, "k: expected at most the ", kept, " latents latent_mask keeps in, got ", k);
+  }
+}
 
 void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& bias) {

@@ -15,6 +15,8 @@ void check_sparse_code(const at::Tensor& values, const at::Tensor& indices);
 
 void check_same_dtype(const at::Tensor& reference, const at::Tensor& other, const char* argument);
 
+void check_on_device(const at::Tensor& tensor, const at::Device& device, const char* argument);
+
 // IndexError naming `argument` unless every index lies in [0, num_latents).
 // One min/max reduction; on CUDA one host sync per op, not per element.
 void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, const char* argument);
@@ -24,6 +26,10 @@ void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, cons
 void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& bias);
 void check_gathered_dot_args(const at::Tensor& dense, const at::Tensor& indices, const at::Tensor& W);
+// topk_encode's arguments, and that latent_mask (if any) keeps at least k
+// latents: one count, a host sync on CUDA.
+void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k,
+                            const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& latent_mask);
 void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& dense,
                                         int64_t num_latents);
 

@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
+
 namespace interpkernels::cpu {
 namespace {
 
@@ -86,20 +88,9 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
                                                    const at::Tensor& b_enc, int64_t k,
                                                    const std::optional<at::Tensor>& pre_bias,
                                                    const std::optional<at::Tensor>& latent_mask) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && W_enc.dim() == 2 && x.size(1) == W_enc.size(1),
-                    "topk_encode: expected x [N, d] and W_enc [M, d], got ", x.sizes(), " and ", W_enc.sizes());
+  check_topk_encode_args(x, W_enc, b_enc, k, pre_bias, latent_mask);
   const int64_t N = x.size(0), M = W_enc.size(0);
-  TORCH_CHECK_VALUE(b_enc.dim() == 1 && b_enc.size(0) == M, "b_enc: expected shape [", M, "], got ", b_enc.sizes());
-  TORCH_CHECK_VALUE(k >= 1 && k <= M, "k: expected 1 <= k <= M = ", M, ", got ", k);
-  at::Tensor mask;
-  if (latent_mask.has_value()) {
-    mask = latent_mask->contiguous();
-    TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool && mask.dim() == 1 && mask.size(0) == M,
-                     "latent_mask: expected a bool tensor of shape [", M, "], got ", mask.scalar_type(), " ",
-                     mask.sizes());
-    const int64_t kept = mask.sum().item<int64_t>();
-    TORCH_CHECK_VALUE(k <= kept, "k: expected at most the ", kept, " latents latent_mask keeps in, got ", k);
-  }
+  const at::Tensor mask = latent_mask.has_value() ? latent_mask->contiguous() : at::Tensor();
 
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor centered = (pre_bias.has_value() ? x - *pre_bias : x).to(acc_type).contiguous();

@@ -2,7 +2,11 @@
 
     "auto"    the fastest available for the tensors' device: the C++ kernels
               on CPU; on CUDA the CUDA kernels where compiled, else Triton,
-              else "torch"
+              else "torch" -- except topk_encode with k <= 256 on CUDA, which
+              takes Triton's fused encoder over the CUDA two-pass one (which
+              writes the [N, M] pre-activations; meant for large k). The
+              256 is the fused kernel's design range, not yet a measured
+              crossover.
     "cpu"     the C++ CPU kernels (CPU tensors)
     "cuda"    the CUDA C++ kernels (CUDA tensors; needs a CUDA build)
     "triton"  the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)
@@ -40,12 +44,18 @@ def triton_usable(device: torch.device) -> bool:
     return _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and _TRITON_INTERPRETED))
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> str:
-    """The concrete backend for `op` on `device`, or a ValueError naming why not."""
+FUSED_TOPK_MAX_K = 256
+
+
+def resolve(op: str, backend: str | None, device: torch.device, *, k: int | None = None) -> str:
+    """The concrete backend for `op` on `device` (k: topk_encode's), or a ValueError naming why not."""
     backend = _check(DEFAULT_BACKEND if backend is None else backend)
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
+        if op == "topk_encode" and device.type == "cuda" and triton_usable(device) and k is not None \
+                and k <= FUSED_TOPK_MAX_K:
+            return "triton"
         if device.type == "cuda" and _CUDA_KERNELS.get(op, False):
             return "cuda"
         return "triton" if triton_usable(device) else "torch"

@@ -72,7 +72,7 @@ def topk_encode(
     v.require_same_device("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias, latent_mask=latent_mask)
     x, W_enc, b_enc, pre_bias = v.autocast_inputs(x.device, x, W_enc, b_enc, pre_bias)
     v.require_same_dtype("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias)
-    backend = resolve("topk_encode", backend, x.device)
+    backend = resolve("topk_encode", backend, x.device, k=k)
     if backend == "torch":
         return reference.topk_encode(x, W_enc, b_enc, k, pre_bias=pre_bias, latent_mask=latent_mask)
 
