@@ -1,4 +1,5 @@
 #include "sparse_decode_kernels.cuh"
+#include "conversions.cuh"
 
 #include <algorithm>
 #include <cstring>
@@ -31,23 +32,6 @@ int grid_size(int64_t work_items) {
 
 bool is_vector_aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
-}
-
-// Conversions spelled as intrinsics: torch builds define
-// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_float(float x) {
-  if constexpr (std::is_same_v<scalar_t, __half>) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return x;
-  }
 }
 
 // VEC consecutive elements moved by one access: a 16-byte vector when VEC is

@@ -1,8 +1,8 @@
 #include "topk_encode_kernels.cuh"
+#include "conversions.cuh"
 
 #include <algorithm>
 #include <climits>
-#include <type_traits>
 
 namespace interpkernels::cuda {
 namespace {
@@ -30,19 +30,6 @@ static_assert(kRadix % kWarpSize == 0, "each lane owns whole bins");
 // Per-warp counts of a sweep (<= kWarpSize) and their block totals (<= kThreads)
 // are packed as two 16-bit halves.
 static_assert(kThreads < (1 << 16));
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_float(float x) {
-  // Spelled as intrinsics: torch builds define __CUDA_NO_HALF_CONVERSIONS__ /
-  // __CUDA_NO_BFLOAT16_CONVERSIONS__.
-  if constexpr (std::is_same_v<scalar_t, __half>) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return x;
-  }
-}
 
 // Order-preserving image of a float32: a > b as floats iff order_key(a) >
 // order_key(b) as unsigned integers. Setting the sign bit of a non-negative
