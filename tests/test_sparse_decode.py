@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from devices import TRITON_DEVICE
 from oracle import ALL_DTYPES, LOW_PRECISION, assert_matches_oracle
 
 import interpkernels
@@ -89,6 +90,28 @@ def test_empty_batch():
     W_dec = torch.randn(10, 4)
     out = interpkernels.sparse_decode(torch.empty(0, 3), torch.empty(0, 3, dtype=torch.long), W_dec, torch.ones(4))
     assert out.shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("leading", [(), (6,), (2, 3)], ids=str)
+def test_empty_code_decodes_to_the_bias_with_gradients(leading, backend):
+    """k = 0, a code with no active latent: the output is the bias (zeros
+    without one), W_dec gets a zero gradient and the bias one per row."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    if backend == "triton":
+        pytest.importorskip("triton")
+    M, d = 10, 4
+    values, indices = make_code(leading, 0, M, torch.float32)
+    W_dec, bias, grad_out = torch.randn(M, d), torch.randn(d), torch.randn(*leading, d)
+    out, grad_values, grad_W_dec, grad_bias = decode_grads(
+        lambda *args: interpkernels.sparse_decode(*args, backend=backend),
+        *(t.to(device) for t in (values, indices, W_dec, bias, grad_out)))
+    torch.testing.assert_close(out.cpu(), bias.expand(*leading, d))
+    assert grad_values.shape == (*leading, 0)
+    torch.testing.assert_close(grad_W_dec.cpu(), torch.zeros(M, d))
+    torch.testing.assert_close(grad_bias.cpu(), grad_out.reshape(-1, d).sum(0))
+    no_bias = interpkernels.sparse_decode(values.to(device), indices.to(device), W_dec.to(device), backend=backend)
+    torch.testing.assert_close(no_bias.cpu(), torch.zeros(*leading, d))
 
 
 def test_fp64_gradcheck_and_gradgradcheck():

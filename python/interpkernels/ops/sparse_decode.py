@@ -12,6 +12,8 @@ csrc/cpu/sparse_decode.cpp, csrc/cuda/ and interpkernels.triton_kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from interpkernels import _validation as v
@@ -32,7 +34,8 @@ def sparse_decode(
 
     Args:
         values: ``[..., k]`` float activations of the active latents.
-        indices: ``[..., k]`` int64 (or int32) latent ids in ``[0, M)``.
+        indices: ``[..., k]`` int64 (or int32) latent ids in ``[0, M)``; k = 0 is
+            the empty code (the output is the bias, or zeros).
         W_dec: ``[M, d]`` decoder, one row per latent.
         bias: optional ``[d]``.
         backend: which implementation runs (interpkernels._backends).
@@ -56,8 +59,9 @@ def sparse_decode(
     if backend == "torch":
         return reference.sparse_decode(values, indices, W_dec, bias)
 
-    k = values.shape[-1]
-    out = kernels(backend).sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), W_dec, bias)
+    # The row count is spelled out: reshape(-1, 0) cannot infer it for an empty code (k = 0).
+    flat_shape = (math.prod(values.shape[:-1]), values.shape[-1])
+    out = kernels(backend).sparse_decode(values.reshape(flat_shape), indices.reshape(flat_shape), W_dec, bias)
     return out.view(*values.shape[:-1], W_dec.shape[1])
 
 
