@@ -208,3 +208,17 @@ def test_bad_inputs_raise_naming_the_argument(message, error, args):
     with pytest.raises(error) as raised:
         interpkernels.sparse_decode(*args)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("bad_index", [-1, 10])
+def test_backend_torch_raises_the_kernels_index_error(bad_index):
+    """The dense reference reports an index out of [0, M) as the kernels do."""
+    values, W_dec = torch.randn(4, 3), torch.randn(10, 5)
+    indices = torch.arange(12).remainder(10).view(4, 3)
+    indices[2, 1] = bad_index
+    messages = []
+    for backend in ("cpu", "torch"):
+        with pytest.raises(IndexError) as raised:
+            interpkernels.sparse_decode(values, indices, W_dec, backend=backend)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]

@@ -4,7 +4,9 @@ Every check runs on shapes, dtypes and devices only, before any kernel
 launches, and raises an error that names the argument, what was expected and
 what came: ``indices: expected int64 or int32 tensor of shape [N, k] on cpu,
 got float32 [8, 3] on cpu``. Checks that read tensor data (index ranges) live
-inside the ops, where torch.compile can trace around them.
+inside the ops, where torch.compile can trace around them; the one exception,
+:func:`require_indices_in_range`, is for ``backend="torch"``, which reaches no
+op.
 """
 
 from __future__ import annotations
@@ -93,6 +95,17 @@ def require_indices(name: str, indices: object, values: torch.Tensor) -> torch.T
             f"on {values.device}, got {describe(indices)}"
         )
     return indices.long()
+
+
+def require_indices_in_range(name: str, indices: torch.Tensor, num_latents: int) -> None:
+    """IndexError unless every index lies in [0, num_latents): the kernels' own
+    check (csrc/checks.cpp), one min/max and one host sync. Skipped while
+    torch.compile traces, where reading a value would break the graph."""
+    if indices.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lowest, highest = torch.stack(torch.aminmax(indices)).tolist()  # both bounds in one copy
+    if lowest < 0 or highest >= num_latents:
+        raise IndexError(f"{name}: expected every index in [0, {num_latents}), got values from {lowest} to {highest}")
 
 
 def require_count(name: str, value: object, low: int, high: int, high_text: str) -> int:

@@ -57,6 +57,7 @@ def sparse_decode(
     v.require_same_dtype("values", values, W_dec=W_dec, bias=bias)
     backend = resolve("sparse_decode", backend, values.device)
     if backend == "torch":
+        v.require_indices_in_range("indices", indices, W_dec.shape[0])
         return reference.sparse_decode(values, indices, W_dec, bias)
 
     # The row count is spelled out: reshape(-1, 0) cannot infer it for an empty code (k = 0).
