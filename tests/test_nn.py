@@ -32,6 +32,16 @@ def test_sae_forward_matches_dense_math_and_backend_torch(cls):
     torch.testing.assert_close(module(x).reconstruction, out.reconstruction)
 
 
+@pytest.mark.parametrize("cls", [*SAE_CLASSES, ik_nn.Transcoder], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("leading", [(0,), (2, 0)], ids=str)
+def test_forward_on_no_rows_raises_naming_x(cls, leading):
+    """An FVU over no rows is 0 / 0: a ValueError, never a NaN in the loss."""
+    module = cls(8, 24, 3, seed=0)
+    x = torch.randn(*leading, 8)
+    with pytest.raises(ValueError, match=r"x: expected at least one row .* got float32 \[.*0, 8\]"):
+        module(x, torch.randn(*leading, 8))
+
+
 def test_topk_sae_code_is_the_reference_encoder():
     module = randomize_(ik_nn.TopKSAE(10, 30, 3, seed=0)).double()
     x = torch.randn(20, 10, dtype=torch.float64)

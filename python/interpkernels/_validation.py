@@ -11,6 +11,7 @@ op.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -106,6 +107,12 @@ def require_indices_in_range(name: str, indices: torch.Tensor, num_latents: int)
     lowest, highest = torch.stack(torch.aminmax(indices)).tolist()  # both bounds in one copy
     if lowest < 0 or highest >= num_latents:
         raise IndexError(f"{name}: expected every index in [0, {num_latents}), got values from {lowest} to {highest}")
+
+
+def require_rows(name: str, tensor: torch.Tensor) -> None:
+    """At least one row in a ``[..., d]`` tensor: a mean over no rows is NaN."""
+    if tensor.dim() >= 1 and math.prod(tensor.shape[:-1]) == 0:
+        raise ValueError(f"{name}: expected at least one row in a tensor of shape [..., d], got {describe(tensor)}")
 
 
 def require_count(name: str, value: object, low: int, high: int, high_text: str) -> int:

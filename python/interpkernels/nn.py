@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from interpkernels import _validation as v
 from interpkernels.ops import sae_training
 from interpkernels.ops.batch_topk_encode import batch_topk_encode
 from interpkernels.ops.jumprelu_encode import apply_threshold, jumprelu_l0
@@ -131,7 +132,10 @@ class SparseCoder(SafetensorsModule):
         then ``auxk_loss`` is the normalized error of reconstructing the
         residual from the ``k_aux`` largest dead latents (Gao et al. 2024),
         with gradients into the encoder.
+
+        A batch of no rows raises a ValueError: its FVU would be 0 / 0.
         """
+        v.require_rows("x", v.require_tensor("x", x))
         target = x if target is None else target
         values, indices, l0 = self._encode_with_l0(x)
         reconstruction = self.reconstruct(x, values, indices)
