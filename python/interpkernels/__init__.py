@@ -13,12 +13,15 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from interpkernels import _C  # noqa: F401  (registers the ops with the dispatcher)
+from interpkernels._C import cpu_isa, set_cpu_isa, supported_cpu_isas
 from interpkernels import reference
 from interpkernels._backends import triton_usable
 from interpkernels._build_info import build_info as _compiled_build_info
 from interpkernels.ops import batch_topk_encode, jumprelu_encode, multi_target_decode, sparse_decode, topk_encode
 
 __version__ = "0.1.0"
+
+cpu_isa()  # a bad INTERPKERNELS_CPU_ISA fails the import with a ValueError naming the choices
 
 
 def build_info() -> dict:
@@ -28,10 +31,14 @@ def build_info() -> dict:
     here: "cpu"; "cuda" when CUDA kernels were compiled and a GPU is visible;
     "triton" when triton is installed and a GPU is visible or
     TRITON_INTERPRET=1), cuda_compiled, cuda_archs, openmp_version,
-    openmp_max_threads.
+    openmp_max_threads, cpu_isa (the instruction-set level the CPU kernels
+    run: INTERPKERNELS_CPU_ISA or set_cpu_isa, else the widest supported) and
+    cpu_isas_supported.
     """
     info = dict(_compiled_build_info())
     info["torch_running"] = torch.__version__
+    info["cpu_isa"] = cpu_isa()
+    info["cpu_isas_supported"] = supported_cpu_isas()
     backends = ["cpu"]
     if info["cuda_compiled"] and torch.cuda.is_available():
         backends.append("cuda")
@@ -44,9 +51,12 @@ def build_info() -> dict:
 __all__ = [
     "batch_topk_encode",
     "build_info",
+    "cpu_isa",
     "jumprelu_encode",
     "multi_target_decode",
     "reference",
+    "set_cpu_isa",
     "sparse_decode",
+    "supported_cpu_isas",
     "topk_encode",
 ]
