@@ -29,7 +29,8 @@ void check_on_device(const at::Tensor& tensor, const at::Device& device, const c
 }
 
 void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k,
-                            const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& latent_mask) {
+                            const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& latent_mask,
+                            const std::optional<at::Tensor>& threshold) {
   TORCH_CHECK_VALUE(x.dim() == 2 && W_enc.dim() == 2 && x.size(1) == W_enc.size(1),
                     "topk_encode: expected x [N, d] and W_enc [M, d], got ", x.sizes(), " and ", W_enc.sizes());
   const int64_t d = x.size(1), M = W_enc.size(0);
@@ -52,6 +53,13 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const 
     check_on_device(*latent_mask, x.device(), "latent_mask");
     const int64_t kept = latent_mask->sum().item<int64_t>();
     TORCH_CHECK_VALUE(k <= kept, "k: expected at most the ", kept, " latents latent_mask keeps in, got ", k);
+  }
+  if (threshold.has_value()) {
+    TORCH_CHECK_VALUE(threshold->dim() == 1 && threshold->size(0) == M, "threshold: expected shape [", M, "], got ",
+                      threshold->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(threshold->scalar_type()), "threshold: expected a float tensor, got ",
+                     threshold->scalar_type());
+    check_on_device(*threshold, x.device(), "threshold");
   }
 }
 

@@ -29,7 +29,8 @@ void check_gathered_dot_args(const at::Tensor& dense, const at::Tensor& indices,
 // topk_encode's arguments, and that latent_mask (if any) keeps at least k
 // latents: one count, a host sync on CUDA.
 void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k,
-                            const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& latent_mask);
+                            const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& latent_mask,
+                            const std::optional<at::Tensor>& threshold);
 void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& dense,
                                         int64_t num_latents);
 

@@ -9,10 +9,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(interpkernels, m) {
-  // values [N, k] = relu of the k largest (x - pre_bias) @ W_enc^T + b_enc per
-  // row, indices [N, k] int64; latent_mask [M] bool restricts the competition.
+  // values [N, k] = relu of the k highest-ranked pre = (x - pre_bias) @ W_enc^T
+  // + b_enc per row, indices [N, k] int64; latent_mask [M] bool restricts the
+  // competition. Rank: NaN first, then (with threshold [M]) latents with
+  // pre > threshold, then by decreasing pre, ties to the lower latent.
   m.def("topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, int k, Tensor? pre_bias, "
-        "Tensor? latent_mask) -> (Tensor values, Tensor indices)");
+        "Tensor? latent_mask, Tensor? threshold) -> (Tensor values, Tensor indices)");
   // out [N, d] = sum_j values[n, j] * W_dec[indices[n, j]] + bias.
   m.def("sparse_decode(Tensor values, Tensor indices, Tensor W_dec, Tensor? bias) -> Tensor");
   // out [N, k] = W[indices[n, j]] . dense[n]: the gradient of sparse_decode's values.

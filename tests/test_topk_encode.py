@@ -171,9 +171,11 @@ def opcheck_samples():
     torch.manual_seed(0)  # runs at collection, before the seeding fixture
     W_enc, b_enc, pre_bias = make_encoder(6, 50, torch.float32)
     x = torch.randn(7, 6)
-    yield (x, W_enc, b_enc, 5, None, None)
-    yield (x.requires_grad_(), W_enc.requires_grad_(), b_enc.requires_grad_(), 3, pre_bias.requires_grad_(), None)
-    yield (x, W_enc, b_enc, 2, pre_bias, torch.arange(50) % 3 == 0)
+    yield (x, W_enc, b_enc, 5, None, None, None)
+    yield (x.requires_grad_(), W_enc.requires_grad_(), b_enc.requires_grad_(), 3, pre_bias.requires_grad_(), None,
+           None)
+    yield (x, W_enc, b_enc, 2, pre_bias, torch.arange(50) % 3 == 0, None)
+    yield (x, W_enc, b_enc, 4, pre_bias, None, 0.1 * torch.rand(50))
 
 
 @pytest.mark.parametrize("args", list(opcheck_samples()))

@@ -50,7 +50,7 @@ def test_triton_ops_pass_opcheck():
     indices = torch.rand(N, M).argsort(-1)[:, :k].to(device)
     values = torch.randn(N, k, device=device)
     torch.library.opcheck(ops.topk_encode_triton.default,
-                          (x.requires_grad_(), W, torch.randn(M, device=device), k, None, None))
+                          (x.requires_grad_(), W, torch.randn(M, device=device), k, None, None, None))
     torch.library.opcheck(ops.sparse_decode_triton.default, (values.requires_grad_(), indices, W, None))
     torch.library.opcheck(ops.gathered_dot_triton.default, (x, indices, W))
     torch.library.opcheck(ops.sparse_transpose_matmul_triton.default, (values, indices, x, M))

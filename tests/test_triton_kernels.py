@@ -131,8 +131,9 @@ def make_encoder(d, M, dtype):
     return W_enc.to(dtype), b_enc.to(dtype), pre_bias.to(dtype)
 
 
-def encode(x, W_enc, b_enc, k, pre_bias=None, latent_mask=None, **config):
-    values, indices = tk.topk_encode(x, W_enc, b_enc, k, pre_bias, latent_mask, **{**SMALL_ENCODE, **config})
+def encode(x, W_enc, b_enc, k, pre_bias=None, latent_mask=None, threshold=None, **config):
+    values, indices = tk.topk_encode(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold,
+                                     **{**SMALL_ENCODE, **config})
     assert values.shape == indices.shape == (x.shape[0], k)
     assert values.dtype == x.dtype and indices.dtype == torch.int64
     return values, indices

@@ -1,8 +1,9 @@
 // CUDA registration of the TopK encoder of SPEC §1, the two-pass path for
 // large k, as torch glue around the torch-free kernel of topk_encode_kernels.cu:
 //   pass 1 (ATen, cuBLAS)  pre [N, M] = (x - pre_bias) @ W_enc^T + b_enc in float32
-//   pass 2 (the kernel)    per row, the k largest pre over the kept latents
-//                          (ties: lower index), sorted, values = relu(pre).
+//   pass 2 (the kernel)    per row, the k highest-ranked latents (NaN first,
+//                          then pre > threshold, then larger pre, then lower
+//                          index), in rank order, values = relu(pre).
 // Unlike the fused Triton encoder this path MATERIALIZES pre [N, M] (N*M*4
 // bytes: 8.6 GB at N = 16384, M = 131072); it is meant for large k, where a
 // running per-row top-k no longer fits in registers. Compiled only when torch
@@ -28,9 +29,10 @@ namespace kernels = interpkernels::cuda;
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
                                                     const at::Tensor& b_enc, int64_t k,
                                                     const std::optional<at::Tensor>& pre_bias,
-                                                    const std::optional<at::Tensor>& latent_mask) {
+                                                    const std::optional<at::Tensor>& latent_mask,
+                                                    const std::optional<at::Tensor>& threshold) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  check_topk_encode_args(x, W_enc, b_enc, k, pre_bias, latent_mask);
+  check_topk_encode_args(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold);
   const int64_t N = x.size(0), M = W_enc.size(0);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
                    "x: expected float32, float16 or bfloat16 on CUDA, got ", x.scalar_type());
@@ -41,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
                     " for the CUDA topk_encode on this device (each row's selection is sorted in shared memory), got ",
                     k);
   const at::Tensor mask = latent_mask.has_value() ? latent_mask->contiguous() : at::Tensor();
+  const at::Tensor theta = threshold.has_value() ? threshold->to(at::kFloat).contiguous() : at::Tensor();
 
   at::Tensor values = at::empty({N, k}, x.options());
   at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
@@ -58,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
   dispatch_float_type(x.scalar_type(), "topk_encode", [&](auto element) {
     using scalar_t = decltype(element);
     check_launch(kernels::launch_topk_select<scalar_t>(
-                     pre.const_data_ptr<float>(), mask.defined() ? mask.const_data_ptr<bool>() : nullptr, N, M, k,
+                     pre.const_data_ptr<float>(), mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+                     theta.defined() ? theta.const_data_ptr<float>() : nullptr, N, M, k,
                      mutable_data_as<scalar_t>(values), indices.mutable_data_ptr<int64_t>(),
                      stream),
                  "topk_select");

@@ -31,29 +31,43 @@ static_assert(kRadix % kWarpSize == 0, "each lane owns whole bins");
 // are packed as two 16-bit halves.
 static_assert(kThreads < (1 << 16));
 
-// Order-preserving image of a float32: a > b as floats iff order_key(a) >
-// order_key(b) as unsigned integers. Setting the sign bit of a non-negative
-// float and flipping every bit of a negative one turns sign-magnitude into
-// offset binary. -0 is folded into +0 so the two tie, as they compare equal;
-// every NaN maps to 0, below the image 0x007FFFFF of -inf.
-__device__ __forceinline__ uint32_t order_key(float value) {
-  if (isnan(value)) return 0;
+// The rank of a latent as a 33-bit key, larger first: bit 32 is the tier
+// (set for NaN, for pre > threshold[latent], and for every latent without a
+// threshold), bits 0..31 an order-preserving image of pre: a > b as floats iff
+// image(a) > image(b) as unsigned integers. Setting the sign bit of a
+// non-negative float and flipping every bit of a negative one turns
+// sign-magnitude into offset binary. -0 is folded into +0 so the two tie, as
+// they compare equal; every NaN maps to 0xFFC00000, above +inf's 0xFF800000.
+constexpr uint64_t kUpperTier = uint64_t{1} << 32;
+constexpr uint32_t kNaNImage = 0xFFC00000u;
+
+__device__ __forceinline__ uint64_t rank_key(float value, const float* __restrict__ threshold, int64_t latent) {
+  if (isnan(value)) return kUpperTier | kNaNImage;
   uint32_t bits = __float_as_uint(value);
   if (bits == 0x80000000u) bits = 0;
-  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+  const uint32_t image = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+  const bool upper = threshold == nullptr || value > threshold[latent];
+  return (upper ? kUpperTier : 0) | image;
 }
 
-// The inverse of order_key on its image; NaN's image 0 maps back to a NaN.
-__device__ __forceinline__ float float_of_key(uint32_t key) {
-  return __uint_as_float((key & 0x80000000u) ? key & 0x7FFFFFFFu : ~key);
+// pre from the image half of a rank key; NaN's image maps back to a NaN.
+__device__ __forceinline__ float float_of_key(uint64_t key) {
+  const uint32_t image = static_cast<uint32_t>(key);
+  return __uint_as_float((image & 0x80000000u) ? image & 0x7FFFFFFFu : ~image);
 }
 
 // A selected latent as one integer whose decreasing order is the output
-// order: larger key first, then lower latent (the complemented latent in the
-// low half). Latents are below 2^31 - 1, so the low half of a real entry is
-// at least 2^31 and no real entry is 0, the mark of an empty slot.
-__device__ __forceinline__ uint64_t sort_entry(uint32_t key, int64_t latent) {
-  return (static_cast<uint64_t>(key) << 32) | ~static_cast<uint32_t>(latent);
+// order: larger key first, then lower latent (2^31 - 1 - latent in the low 31
+// bits). Latents are below 2^31 - 1, so those bits are never all zero and no
+// real entry is 0, the mark of an empty slot.
+constexpr uint32_t kLatentBits = 0x7FFFFFFFu;
+
+__device__ __forceinline__ uint64_t sort_entry(uint64_t key, int64_t latent) {
+  return (key << 31) | (kLatentBits - static_cast<uint32_t>(latent));
+}
+
+__device__ __forceinline__ int64_t latent_of_entry(uint64_t entry) {
+  return kLatentBits - static_cast<uint32_t>(entry & kLatentBits);
 }
 
 // Where the radix select of a row stands. The keys of kept latents split by
@@ -63,8 +77,8 @@ __device__ __forceinline__ uint64_t sort_entry(uint32_t key, int64_t latent) {
 // lower latent. `done`: the boundary group needs no more digits, because all
 // of it is taken or all of its keys are equal.
 struct Selection {
-  uint32_t prefix;
-  uint32_t mask;
+  uint64_t prefix;
+  uint64_t mask;
   uint32_t greater;
   uint32_t remaining;
   bool done;
@@ -83,16 +97,18 @@ struct RowShared {
 // coalesced sweep over kThreads consecutive latents. Latents past the row end
 // or masked out are not valid.
 __device__ __forceinline__ void load_tile(const float* __restrict__ row,
-                                          const bool* __restrict__ latent_mask, int64_t M,
-                                          int64_t base, uint32_t (&keys)[kItemsPerThread],
+                                          const bool* __restrict__ latent_mask,
+                                          const float* __restrict__ threshold, int64_t M,
+                                          int64_t base, uint64_t (&keys)[kItemsPerThread],
                                           bool (&valid)[kItemsPerThread]) {
 #pragma unroll
   for (int j = 0; j < kItemsPerThread; ++j) {
     const int64_t latent = base + j * kThreads + threadIdx.x;
     // The mask and the key are loaded independently so neither waits on the other.
-    const float value = latent < M ? row[latent] : 0.f;
-    valid[j] = latent < M && (latent_mask == nullptr || latent_mask[latent]);
-    keys[j] = order_key(value);
+    const bool in_row = latent < M;
+    const float value = in_row ? row[latent] : 0.f;
+    valid[j] = in_row && (latent_mask == nullptr || latent_mask[latent]);
+    keys[j] = rank_key(value, in_row ? threshold : nullptr, latent);
   }
 }
 
@@ -102,20 +118,21 @@ __device__ __forceinline__ void load_tile(const float* __restrict__ row,
 // address hit by a whole warp would serialize it. Counts are order-free sums,
 // so the atomics do not make the result vary.
 __device__ __forceinline__ void count_digits(const float* __restrict__ row,
-                                             const bool* __restrict__ latent_mask, int64_t M,
+                                             const bool* __restrict__ latent_mask,
+                                             const float* __restrict__ threshold, int64_t M,
                                              const Selection& selection, int shift,
                                              uint32_t* histogram) {
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t base = 0; base < M; base += kTile) {
-    uint32_t keys[kItemsPerThread];
+    uint64_t keys[kItemsPerThread];
     bool valid[kItemsPerThread];
-    load_tile(row, latent_mask, M, base, keys, valid);
+    load_tile(row, latent_mask, threshold, M, base, keys, valid);
 #pragma unroll
     for (int j = 0; j < kItemsPerThread; ++j) {
       const bool counted = valid[j] && (keys[j] & selection.mask) == selection.prefix;
       const unsigned voters = __ballot_sync(kFullWarp, counted);
       if (counted) {
-        const uint32_t digit = (keys[j] >> shift) & (kRadix - 1);
+        const uint32_t digit = static_cast<uint32_t>(keys[j] >> shift) & (kRadix - 1);
         const unsigned peers = __match_any_sync(voters, digit);
         if (lane == __ffs(peers) - 1) {
           atomicAdd(&histogram[digit], static_cast<unsigned>(__popc(peers)));
@@ -162,8 +179,8 @@ __device__ void choose_digit(RowShared& shared, int shift) {
   for (int b = kBinsPerLane - 1; b >= 0; --b) {
     if (above < remaining && remaining <= above + counts[b]) {
       const uint32_t digit = static_cast<uint32_t>(lane * kBinsPerLane + b);
-      selection.prefix |= digit << shift;
-      selection.mask |= static_cast<uint32_t>(kRadix - 1) << shift;
+      selection.prefix |= static_cast<uint64_t>(digit) << shift;
+      selection.mask |= static_cast<uint64_t>(kRadix - 1) << shift;
       selection.greater += above;
       selection.remaining = remaining - above;
       selection.done = counts[b] == remaining - above || shift == 0;
@@ -179,7 +196,8 @@ __device__ void choose_digit(RowShared& shared, int shift) {
 // (ballots, then a scan over warps), so every run fills the same slots. Stops
 // after the tile in which both kinds are complete.
 __device__ __forceinline__ void gather_selection(const float* __restrict__ row,
-                                                 const bool* __restrict__ latent_mask, int64_t M,
+                                                 const bool* __restrict__ latent_mask,
+                                                 const float* __restrict__ threshold, int64_t M,
                                                  const Selection& selection, RowShared& shared,
                                                  uint64_t* entries) {
   const int lane = threadIdx.x % kWarpSize;
@@ -191,12 +209,12 @@ __device__ __forceinline__ void gather_selection(const float* __restrict__ row,
   for (int64_t base = 0;
        base < M && (greater_base < selection.greater || group_base < selection.remaining);
        base += kTile) {
-    uint32_t keys[kItemsPerThread];
+    uint64_t keys[kItemsPerThread];
     bool valid[kItemsPerThread];
-    load_tile(row, latent_mask, M, base, keys, valid);
+    load_tile(row, latent_mask, threshold, M, base, keys, valid);
 #pragma unroll
     for (int j = 0; j < kItemsPerThread; ++j) {
-      const uint32_t masked = keys[j] & selection.mask;
+      const uint64_t masked = keys[j] & selection.mask;
       const bool is_greater = valid[j] && masked > selection.prefix;
       const bool in_group = valid[j] && masked == selection.prefix;
       const unsigned greater_votes = __ballot_sync(kFullWarp, is_greater);
@@ -259,8 +277,9 @@ __device__ void sort_descending(uint64_t* entries, uint32_t size) {
   __syncthreads();
 }
 
-// One block per row (grid-strided). Per row: a radix select over the 32-bit
-// keys, most significant digit first, fixes the boundary group (the keys that
+// One block per row (grid-strided). Per row: a radix select over the 33-bit
+// rank keys, most significant digit first (without a threshold every key has
+// the tier bit, so the select starts below it), fixes the boundary group (the keys that
 // share the k-th largest key's bits under the mask); one more pass gathers
 // the keys above it and the group's first latents into shared memory, which
 // is then sorted and written out. A round ends the select early when the
@@ -268,7 +287,8 @@ __device__ void sort_descending(uint64_t* entries, uint32_t size) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     topk_select_kernel(const float* __restrict__ pre, const bool* __restrict__ latent_mask,
-                       int64_t N, int64_t M, uint32_t k, uint32_t sort_size,
+                       const float* __restrict__ threshold, int64_t N, int64_t M, uint32_t k,
+                       uint32_t sort_size,
                        scalar_t* __restrict__ values, int64_t* __restrict__ indices) {
   __shared__ RowShared shared;
   extern __shared__ uint64_t entries[];  // sort_size entries
@@ -276,14 +296,18 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
     const float* row = pre + n * M;
     __syncthreads();  // the previous row is done with shared memory
-    if (threadIdx.x == 0) shared.selection = Selection{0, 0, 0, k, false};
+    const uint64_t tier_mask = static_cast<uint64_t>(kRadix - 1) << 32;
+    if (threadIdx.x == 0) {
+      shared.selection = threshold == nullptr ? Selection{kUpperTier, tier_mask, 0, k, false}
+                                              : Selection{0, 0, 0, k, false};
+    }
     for (uint32_t s = threadIdx.x; s < sort_size; s += kThreads) entries[s] = 0;
 
-    for (int shift = 32 - kDigitBits; shift >= 0; shift -= kDigitBits) {
+    for (int shift = threshold == nullptr ? 32 - kDigitBits : 32; shift >= 0; shift -= kDigitBits) {
       for (int b = threadIdx.x; b < kRadix; b += kThreads) shared.histogram[b] = 0;
       __syncthreads();
       const Selection selection = shared.selection;
-      count_digits(row, latent_mask, M, selection, shift, shared.histogram);
+      count_digits(row, latent_mask, threshold, M, selection, shift, shared.histogram);
       __syncthreads();
       if (threadIdx.x < kWarpSize) choose_digit(shared, shift);
       __syncthreads();
@@ -291,7 +315,7 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     const Selection selection = shared.selection;
-    gather_selection(row, latent_mask, M, selection, shared, entries);
+    gather_selection(row, latent_mask, threshold, M, selection, shared, entries);
     sort_descending(entries, sort_size);
 
     for (uint32_t j = threadIdx.x; j < k; j += kThreads) {
@@ -302,9 +326,9 @@ __global__ void __launch_bounds__(kThreads)
         indices[out] = -1;
         continue;
       }
-      const float value = float_of_key(static_cast<uint32_t>(entry >> 32));
+      const float value = float_of_key(entry >> 31);
       values[out] = from_float<scalar_t>(value < 0.f ? 0.f : value);  // relu that keeps NaN
-      indices[out] = ~static_cast<uint32_t>(entry);
+      indices[out] = latent_of_entry(entry);
     }
   }
 }
@@ -335,9 +359,8 @@ cudaError_t topk_select_max_k(int64_t* max_k) {
 }
 
 template <typename scalar_t>
-cudaError_t launch_topk_select(const float* pre, const bool* latent_mask, int64_t N, int64_t M,
-                               int64_t k, scalar_t* values, int64_t* indices,
-                               cudaStream_t stream) {
+cudaError_t launch_topk_select(const float* pre, const bool* latent_mask, const float* threshold, int64_t N,
+                               int64_t M, int64_t k, scalar_t* values, int64_t* indices, cudaStream_t stream) {
   int64_t max_k = 0;
   cudaError_t status = topk_select_max_k(&max_k);
   if (status != cudaSuccess) return status;
@@ -354,14 +377,14 @@ cudaError_t launch_topk_select(const float* pre, const bool* latent_mask, int64_
   const uint32_t sort_size = next_power_of_two(static_cast<uint32_t>(k));
   const int grid = static_cast<int>(std::min(N, kMaxBlocks));
   topk_select_kernel<scalar_t><<<grid, kThreads, sort_size * sizeof(uint64_t), stream>>>(
-      pre, latent_mask, N, M, static_cast<uint32_t>(k), sort_size, values, indices);
+      pre, latent_mask, threshold, N, M, static_cast<uint32_t>(k), sort_size, values, indices);
   return cudaGetLastError();
 }
 
 #define INTERPKERNELS_INSTANTIATE(scalar_t)                                                     \
-  template cudaError_t launch_topk_select<scalar_t>(const float*, const bool*, int64_t,        \
-                                                    int64_t, int64_t, scalar_t*, int64_t*,     \
-                                                    cudaStream_t);
+  template cudaError_t launch_topk_select<scalar_t>(const float*, const bool*, const float*,    \
+                                                    int64_t, int64_t, int64_t, scalar_t*,      \
+                                                    int64_t*, cudaStream_t);
 
 INTERPKERNELS_INSTANTIATE(float)
 INTERPKERNELS_INSTANTIATE(__half)

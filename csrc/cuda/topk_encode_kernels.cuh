@@ -22,23 +22,21 @@ namespace interpkernels::cuda {
 
 // For every row n of pre [N, M] (float32), over the latents i that
 // latent_mask [M] keeps in (every latent when latent_mask is nullptr):
-//   indices[n, :] = the k latents of largest pre[n, i], ties to the lower i,
-//                   ordered by decreasing pre[n, i], then increasing i;
+//   indices[n, :] = the k latents of highest rank, in rank order;
 //   values[n, j]  = relu(pre[n, indices[n, j]]) rounded to scalar_t (float,
-//                   __half or __nv_bfloat16).
-// values, indices [N, k]. -0 and +0 tie. NaN ranks below -inf: a NaN latent
-// is picked only when fewer than k kept latents are not NaN, and its value
-// stays NaN.
+//                   __half or __nv_bfloat16); NaN stays NaN.
+// The rank: NaN first (torch.topk's rule); then, when threshold [M] is given,
+// latents with pre > threshold[i] before the others; then larger pre; then
+// the lower latent. -0 and +0 tie. values, indices [N, k].
 // Requires 1 <= k <= min(M, topk_select_max_k()) and M <= 2^31 - 1, else
 // returns cudaErrorInvalidValue. Each row must keep at least k latents in; a
 // row that keeps fewer gets all of them, then slots with index -1, value 0.
 // Cost: up to five reads of each row of pre (four 8-bit digit rounds of a
-// radix select, then one pass that gathers the selection), then a bitonic
-// sort of k entries in shared memory.
+// radix select, a fifth for the threshold's tier bit, then one pass that
+// gathers the selection), then a bitonic sort of k entries in shared memory.
 template <typename scalar_t>
-cudaError_t launch_topk_select(const float* pre, const bool* latent_mask, int64_t N, int64_t M,
-                               int64_t k, scalar_t* values, int64_t* indices,
-                               cudaStream_t stream);
+cudaError_t launch_topk_select(const float* pre, const bool* latent_mask, const float* threshold, int64_t N,
+                               int64_t M, int64_t k, scalar_t* values, int64_t* indices, cudaStream_t stream);
 
 // *max_k = the largest k launch_topk_select accepts on the current device: a
 // row's selection is sorted in shared memory as 8-byte entries padded to a

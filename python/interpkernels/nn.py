@@ -26,7 +26,7 @@ from torch import nn
 from interpkernels import _validation as v
 from interpkernels.ops import sae_training
 from interpkernels.ops.batch_topk_encode import batch_topk_encode
-from interpkernels.ops.jumprelu_encode import apply_threshold, jumprelu_l0
+from interpkernels.ops.jumprelu_encode import apply_threshold, jumprelu_candidates, jumprelu_l0
 from interpkernels.ops.multi_target_decode import multi_target_decode
 from interpkernels.ops.sparse_decode import sparse_decode
 from interpkernels.ops.topk_encode import topk_encode
@@ -202,9 +202,9 @@ class JumpReLUSAE(SparseCoder):
         self.log_threshold = nn.Parameter(torch.full((num_latents,), float(initial_threshold)).log())
 
     def _encode_with_l0(self, x):
-        candidates, indices = topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self._pre_bias(),
-                                          backend=self.backend)
         threshold = self.log_threshold.exp()
+        candidates, indices = jumprelu_candidates(x, self.W_enc, self.b_enc, threshold, self.k,
+                                                  pre_bias=self._pre_bias(), backend=self.backend)
         values = apply_threshold(candidates, indices, threshold, self.bandwidth)
         return values, indices, jumprelu_l0(candidates, indices, threshold, self.bandwidth)
 

@@ -27,16 +27,42 @@ def topk_encode(
     *,
     pre_bias: torch.Tensor | None = None,
     latent_mask: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(relu of the k largest pre-activations, their latent indices), rows sorted
-    by decreasing pre-activation: matmul + torch.topk, as every peer encodes.
-    Exact ties are ordered as torch.topk orders them; the kernels break them
-    towards the lower index (tests check that rule separately)."""
+    """(relu of the k highest-ranked pre-activations, their latent indices), rows
+    in rank order: NaN first (its value stays NaN), then, given `threshold`,
+    latents with pre > threshold before the others, then by decreasing pre.
+
+    Without `threshold` this is matmul + torch.topk, as every peer encodes, and
+    exact ties are ordered as torch.topk orders them (the kernels break them
+    towards the lower index; tests check that rule separately). With it, the
+    rank is applied literally by stable sorts, ties to the lower index."""
     pre = pre_activations(x, W_enc, b_enc, pre_bias)
+    if threshold is None:
+        if latent_mask is not None:
+            pre = pre.masked_fill(~latent_mask, float("-inf"))
+        top = pre.topk(k, dim=-1)
+        return top.values.relu(), top.indices
+    order = rank_order(pre, latent_mask=latent_mask, threshold=threshold)[..., :k]
+    return pre.gather(-1, order).relu(), order
+
+
+def rank_order(
+    pre: torch.Tensor, *, latent_mask: torch.Tensor | None = None, threshold: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every latent of each row of pre [..., M], best first, by the rank all
+    backends select with: latents latent_mask keeps in before the others, NaN
+    first, then pre > threshold before pre <= threshold, then decreasing pre,
+    then increasing latent index. Stable sorts, least significant key first."""
+    order = pre.sort(dim=-1, descending=True, stable=True).indices  # NaN first, ties keep index order
+    tiers = []
+    if threshold is not None:
+        tiers.append((pre > threshold) | pre.isnan())
     if latent_mask is not None:
-        pre = pre.masked_fill(~latent_mask, float("-inf"))
-    top = pre.topk(k, dim=-1)
-    return top.values.relu(), top.indices
+        tiers.append(latent_mask.expand_as(pre))
+    for tier in tiers:
+        order = order.gather(-1, tier.gather(-1, order).to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices)
+    return order
 
 
 def encode_at(

@@ -55,13 +55,13 @@ def _check_index_range(indices: torch.Tensor, num_latents: int) -> None:
         raise IndexError(f"indices: expected every index in [0, {num_latents}), got values from {lowest} to {highest}")
 
 
-def _topk_encode_triton(x, W_enc, b_enc, k, pre_bias, latent_mask):
+def _topk_encode_triton(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold):
     _check_triton_dtype(x)
     if latent_mask is not None:
         kept = int(latent_mask.sum())
         if k > kept:
             raise ValueError(f"k: expected at most the {kept} latents latent_mask keeps in, got {k}")
-    return _triton_kernels().topk_encode(x, W_enc, b_enc, k, pre_bias, latent_mask)
+    return _triton_kernels().topk_encode(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold)
 
 
 def _sparse_decode_triton(values, indices, W_dec, bias):

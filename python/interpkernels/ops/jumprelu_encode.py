@@ -3,11 +3,13 @@ the fused top-k encoder.
 
     f[n, i] = pre[n, i] * 1[pre[n, i] > threshold[i]]
 
-kept sparse: the `max_l0` largest pre-activations of each row are found by
-topk_encode (no [N, M] matrix), then those at or below their latent's
-threshold are zeroed. The result is exact whenever a row has at most
-`max_l0` latents above threshold; beyond that the row keeps its `max_l0`
-largest.
+kept sparse: topk_encode with the thresholds ranks the latents above their
+own threshold first, by pre-activation, and keeps the `max_l0` best of each
+row (no [N, M] matrix); values at or below threshold are then zeroed. The
+result is exact whenever a row has at most `max_l0` latents above threshold;
+a row with more keeps its `max_l0` largest. Such rows have every slot active:
+`rows_at_cap(values)` counts the rows that hit the cap. Slots a row cannot
+fill hold value 0 at the row's best latents at or below threshold.
 
 Gradients: x, W_enc, b_enc and pre_bias get the exact gradient of f
 (1[pre > threshold] times that of pre). The threshold, a step function's
@@ -18,7 +20,7 @@ of bandwidth eps:
     rect(u) = 1[|u| < 1/2],
 
 summed over the entries of latent i. Only entries among a row's `max_l0`
-candidates contribute (a pre just below threshold but outside them does not).
+slots contribute (a pre just below threshold outside them does not).
 """
 
 from __future__ import annotations
@@ -88,8 +90,24 @@ def jumprelu_encode(
     threshold: ``[M]``, positive. bandwidth: the straight-through kernel width eps.
     backend: the implementation of the underlying topk_encode.
     """
-    candidates, indices = topk_encode(x, W_enc, b_enc, max_l0, pre_bias=pre_bias, backend=backend)
+    candidates, indices = jumprelu_candidates(x, W_enc, b_enc, threshold, max_l0, pre_bias=pre_bias,
+                                              backend=backend)
     return apply_threshold(candidates, indices, threshold, bandwidth), indices
+
+
+def jumprelu_candidates(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    max_l0: int,
+    *,
+    pre_bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k code JumpReLU values are taken from: ``relu(pre)`` at each
+    row's `max_l0` best latents, those above their threshold first."""
+    return topk_encode(x, W_enc, b_enc, max_l0, pre_bias=pre_bias, threshold=threshold, backend=backend)
 
 
 def _check_threshold(threshold: torch.Tensor, bandwidth: float, candidates: torch.Tensor) -> torch.Tensor:

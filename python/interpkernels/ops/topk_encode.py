@@ -1,8 +1,13 @@
 """topk_encode: the TopK SAE encoder without the [N, M] pre-activation matrix.
 
     pre[n, i]   = (x[n] - pre_bias) . W_enc[i] + b_enc[i]
-    indices[n]  = the k largest pre[n, :] (ties: lower index wins)
-    values[n,j] = relu(pre[n, indices[n, j]])
+    indices[n]  = the k highest-ranked latents of row n
+    values[n,j] = relu(pre[n, indices[n, j]])   (NaN stays NaN)
+
+The rank, on every backend: NaN first (torch.topk's rule, so a diverged model
+shows NaN codes rather than hiding them); then, given `threshold`, latents
+with pre > threshold[i] before the rest (JumpReLU's candidates); then larger
+pre first; then the lower latent index.
 
 Backward, with g = grad_values * (values > 0):
     grad_x[n]     = sum_j g[n, j] W_enc[indices[n, j]]        (sparse_decode on W_enc)
@@ -31,6 +36,7 @@ def topk_encode(
     *,
     pre_bias: torch.Tensor | None = None,
     latent_mask: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k sparse code of ``relu((x - pre_bias) @ W_enc.T + b_enc)``.
@@ -44,10 +50,13 @@ def topk_encode(
         pre_bias: optional ``[d]`` subtracted from x first (the SAE's b_dec).
         latent_mask: optional ``[M]`` bool; only True latents compete (AuxK on
             dead latents is this op with the dead mask).
+        threshold: optional ``[M]``; latents with ``pre > threshold`` rank
+            before all others (JumpReLU: slots a row cannot fill with them get
+            its best latents at or below threshold). Not differentiated.
         backend: which implementation runs (interpkernels._backends).
 
     Returns ``(values [..., k] in x's dtype, indices [..., k] int64)``, each row
-    ordered by decreasing pre-activation. Differentiable in x, W_enc, b_enc and
+    in rank order (module docstring). Differentiable in x, W_enc, b_enc and
     pre_bias.
     """
     v.require_float("x", x)
@@ -68,26 +77,33 @@ def topk_encode(
         if latent_mask.dtype != torch.bool:
             raise TypeError(f"latent_mask: expected a bool tensor of shape [{M}], got {v.describe(latent_mask)}")
         v.require_shape("latent_mask", latent_mask, (M,), f"[M] = [{M}]")
+    if threshold is not None:
+        v.require_float("threshold", threshold, x.device)
+        v.require_shape("threshold", threshold, (M,), f"[M] = [{M}]")
     k = v.require_count("k", k, 1, M, "M")
-    v.require_same_device("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias, latent_mask=latent_mask)
+    v.require_same_device("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias, latent_mask=latent_mask,
+                          threshold=threshold)
     x, W_enc, b_enc, pre_bias = v.autocast_inputs(x.device, x, W_enc, b_enc, pre_bias)
     v.require_same_dtype("x", x, W_enc=W_enc, b_enc=b_enc, pre_bias=pre_bias)
     backend = resolve("topk_encode", backend, x.device, k=k)
     if backend == "torch":
-        return reference.topk_encode(x, W_enc, b_enc, k, pre_bias=pre_bias, latent_mask=latent_mask)
+        return reference.topk_encode(x, W_enc, b_enc, k, pre_bias=pre_bias, latent_mask=latent_mask,
+                                     threshold=threshold)
 
-    values, indices = kernels(backend).topk_encode(x.reshape(-1, d), W_enc, b_enc, k, pre_bias, latent_mask)
+    rows = x.shape[:-1].numel()  # not reshape(-1, d), which is ambiguous for d = 0
+    values, indices = kernels(backend).topk_encode(x.reshape(rows, d), W_enc, b_enc, k, pre_bias, latent_mask,
+                                                   threshold)
     leading = x.shape[:-1]
     return values.view(*leading, k), indices.view(*leading, k)
 
 
-def _fake(x, W_enc, b_enc, k, pre_bias, latent_mask):
+def _fake(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold):
     shape = (x.shape[0], k)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
 
 def _setup_context(ctx, inputs, output):
-    x, W_enc, _b_enc, _k, pre_bias, _latent_mask = inputs
+    x, W_enc, _b_enc, _k, pre_bias, _latent_mask, _threshold = inputs
     values, indices = output
     ctx.save_for_backward(x, W_enc, pre_bias, values, indices)
     ctx.mark_non_differentiable(indices)
@@ -99,7 +115,7 @@ def _register(ops: Kernels) -> None:
 
     def backward(ctx, grad_values, _grad_indices):
         x, W_enc, pre_bias, values, indices = ctx.saved_tensors
-        needs_x, needs_W, needs_b, _, needs_pre_bias, _ = ctx.needs_input_grad
+        needs_x, needs_W, needs_b, _, needs_pre_bias, _, _ = ctx.needs_input_grad
         active_grad = torch.where(values > 0, grad_values, torch.zeros_like(grad_values))
 
         grad_x = grad_W_enc = grad_b_enc = grad_pre_bias = None
@@ -116,6 +132,7 @@ def _register(ops: Kernels) -> None:
             grad_b_enc if needs_b else None,
             None,
             grad_pre_bias,
+            None,
             None,
         )
 

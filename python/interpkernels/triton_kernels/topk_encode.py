@@ -1,14 +1,22 @@
 """Fused TopK encoder: the GEMM and a running per-row top-k, without the [N, M] matrix.
 
     pre[n, i]    = (x[n] - pre_bias) . W_enc[i] + b_enc[i]
-    indices[n]   = the k largest pre[n, :] over the latents latent_mask keeps in (ties: lower index)
-    values[n, j] = relu(pre[n, indices[n, j]]), each row by decreasing pre
+    indices[n]   = the k highest-ranked latents of row n over those latent_mask keeps in
+    values[n, j] = relu(pre[n, indices[n, j]]) (NaN stays NaN), each row in rank order
+
+The rank (every backend's): NaN first; then, given `threshold`, latents with
+pre > threshold[i] before the others; then larger pre; then the lower latent.
 
 Each (pre, latent) pair is packed into one int64 key whose signed order is the
-order we want: the high 32 bits hold an order-preserving integer image of the
-float32 pre, the low 32 bits hold INDEX_BASE - latent, so among equal pre the
-lower latent has the larger key. Keys are unique within a row, so values-only
-reductions and sorts (tl.max, tl.min, tl.topk) carry the indices along.
+rank:
+    bit 63       clear for a latent of the upper tier (pre > threshold, or NaN,
+                 or every latent without a threshold), set for the others
+    bits 31..62  an order-preserving unsigned image of the float32 pre, every NaN
+                 mapped to one image above +inf's
+    bits 0..30   INDEX_BASE - latent, so among equal pre the lower latent has the
+                 larger key.
+Keys are unique within a row, so values-only reductions and sorts (tl.max,
+tl.min, tl.topk) carry the indices along.
 
 Two kernels:
 1. `_topk_partial_kernel`, program (row block, latent split): streams the split's
@@ -32,23 +40,39 @@ import triton.language as tl
 _MIN_KEY = tl.constexpr(-(2**63))
 # Above every key: padding slots k..K_PAD-1 of the running set, never its minimum.
 _MAX_KEY = tl.constexpr(2**63 - 1)
-# Low 32 bits of a key: latent ^ INDEX_BASE = INDEX_BASE - latent, in [0, 2^31) for latent < 2^31.
+# Low 31 bits of a key: latent ^ INDEX_BASE = INDEX_BASE - latent, for latent < 2^31.
 _INDEX_BASE = tl.constexpr(2**31 - 1)
+# The image of every NaN: that of the positive quiet NaN 0x7FC00000, above +inf's 0xFF800000.
+_NAN_IMAGE = tl.constexpr(0xFFC00000)
 
 
 @triton.jit
-def _flip_negative(bits):
-    """The involution taking float32 bit patterns to int32s of the same order (and back):
-    non-negative floats already compare as ints; negative ones compare reversed."""
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+def _pack_keys(pre, latents):
+    """Upper-tier rank keys [BLOCK_N, BLOCK_M] of float32 pre at latents [BLOCK_M] (module
+    docstring); a lower-tier key is the same with bit 63 set."""
+    bits = pre.to(tl.int32, bitcast=True)
+    unsigned_bits = bits.to(tl.int64) & 0xFFFFFFFF
+    # Offset binary: a non-negative float gets its sign bit set, a negative one all bits flipped.
+    image = tl.where(bits < 0, unsigned_bits ^ 0xFFFFFFFF, unsigned_bits | 0x80000000)
+    image = tl.where(pre != pre, _NAN_IMAGE, image)
+    return (image << 31) | (latents.to(tl.int64) ^ _INDEX_BASE)[None, :]
+
+
+@triton.jit
+def _unpack_keys(keys):
+    """(pre as float32, latent) of keys made by _pack_keys."""
+    image = (keys >> 31) & 0xFFFFFFFF
+    bits = tl.where(image >= 0x80000000, image ^ 0x80000000, image ^ 0xFFFFFFFF)
+    pre = bits.to(tl.int32).to(tl.float32, bitcast=True)
+    return pre, (keys & _INDEX_BASE) ^ _INDEX_BASE
 
 
 @triton.jit
 def _topk_partial_kernel(
-    x_ptr, w_ptr, b_ptr, pre_bias_ptr, mask_ptr, keys_ptr,
+    x_ptr, w_ptr, b_ptr, pre_bias_ptr, mask_ptr, threshold_ptr, keys_ptr,
     N, M, d, k, latents_per_split,
     stride_xn, stride_xd, stride_wm, stride_wd,
-    HAS_PRE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_THRESHOLD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """keys[n, s, :k] = the k largest keys of pre[n, i] over latents i of split s = program 1
@@ -85,8 +109,11 @@ def _topk_partial_kernel(
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         pre = acc + tl.load(b_ptr + latents, mask=latent_ok, other=0.0).to(tl.float32)[None, :]
         # pre is never -0.0 (the accumulator starts at +0.0), so equal pre have equal bits.
-        bits = _flip_negative(pre.to(tl.int32, bitcast=True))
-        tile = (bits.to(tl.int64) << 32) | (latents.to(tl.int64) ^ _INDEX_BASE)[None, :]
+        tile = _pack_keys(pre, latents)
+        if HAS_THRESHOLD:
+            theta = tl.load(threshold_ptr + latents, mask=latent_ok, other=0.0).to(tl.float32)
+            below = (pre == pre) & ~(pre > theta[None, :])  # NaN stays in the upper tier
+            tile = tl.where(below, tile | _MIN_KEY, tile)
         keep = latent_ok
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + latents, mask=latent_ok, other=0) != 0)
@@ -119,12 +146,12 @@ def _topk_merge_kernel(
     keys = tl.load(keys_ptr + rows64[:, None] * width + c[None, :],
                    mask=row_ok[:, None] & (c < width)[None, :], other=_MIN_KEY)
     top = tl.topk(keys, K_PAD)  # [BLOCK_R, K_PAD], decreasing
-    pre = _flip_negative((top >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
-    latent = (top & _INDEX_BASE) ^ _INDEX_BASE
+    pre, latent = _unpack_keys(top)
     j = tl.arange(0, K_PAD)
     out = rows64[:, None] * k + j[None, :]
     ok = row_ok[:, None] & (j < k)[None, :]
-    tl.store(values_ptr + out, tl.maximum(pre, 0.0).to(values_ptr.dtype.element_ty), mask=ok)
+    relu = tl.where(pre < 0.0, 0.0, pre)  # tl.maximum would turn NaN into 0
+    tl.store(values_ptr + out, relu.to(values_ptr.dtype.element_ty), mask=ok)
     tl.store(indices_ptr + out, latent, mask=ok)
 
 
@@ -140,12 +167,13 @@ def _default_splits(device: torch.device, row_blocks: int, M: int, k_pad: int, b
 def topk_encode(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
     pre_bias: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
     *, block_n: int | None = None, block_m: int | None = None, block_d: int | None = None,
     splits: int | None = None, num_warps: int = 8, num_stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [N, k] in x's dtype, indices [N, k] int64): the TopK code of
-    relu((x - pre_bias) @ W_enc.T + b_enc) over the latents latent_mask keeps in, rows by
-    decreasing pre-activation, ties to the lower latent.
+    relu((x - pre_bias) @ W_enc.T + b_enc) over the latents latent_mask keeps in, rows in
+    rank order (module docstring; `threshold` [M] sets the tiers).
 
     Requires 1 <= k <= (number of latents latent_mask keeps in) and M < 2^31. float32 inputs
     multiply in IEEE float32 (not tf32). Knobs: `block_n` rows x `block_m` latents per tile
@@ -173,9 +201,10 @@ def topk_encode(
     keys = torch.empty(N, splits * k, dtype=torch.int64, device=x.device)
     _topk_partial_kernel[(row_blocks, splits)](
         x, W_enc, b_enc.contiguous(), pre_bias.contiguous() if pre_bias is not None else None,
-        latent_mask.contiguous().view(torch.uint8) if latent_mask is not None else None, keys,
+        latent_mask.contiguous().view(torch.uint8) if latent_mask is not None else None,
+        threshold.contiguous() if threshold is not None else None, keys,
         N, M, d, k, latents_per_split, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-        HAS_PRE_BIAS=pre_bias is not None, HAS_MASK=latent_mask is not None,
+        HAS_PRE_BIAS=pre_bias is not None, HAS_MASK=latent_mask is not None, HAS_THRESHOLD=threshold is not None,
         DOT_PRECISION="tf32" if sixteen_bit else "ieee",  # tf32: the default, moot for 16-bit inputs
         K_PAD=k_pad, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
     )
