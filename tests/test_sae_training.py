@@ -56,6 +56,22 @@ def test_fvu_gradients_and_opcheck(triton_as_on_gpu):
     torch.library.opcheck(ops.fvu_triton.default, pair)
 
 
+def test_fvu_is_deterministic_across_thread_counts():
+    """Partial sums over fixed chunks of rows, combined in order: the same bits
+    whatever the number of threads (a run must be reproducible)."""
+    reconstruction, target = torch.randn(3000, 50), torch.randn(3000, 50)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, max(threads, 2), max(threads, 2)):
+            torch.set_num_threads(count)
+            runs.append(torch.ops.interpkernels.fvu(reconstruction, target))
+    finally:
+        torch.set_num_threads(threads)
+    for fvu_value, variance in runs[1:]:
+        assert torch.equal(fvu_value, runs[0][0]) and torch.equal(variance, runs[0][1])
+
+
 def test_fvu_mixed_precision_and_backend_torch():
     target = torch.randn(20, 8)
     reconstruction = (target + 0.1 * torch.randn(20, 8)).bfloat16()

@@ -12,9 +12,11 @@
 #include <cmath>
 #include <tuple>
 #include <utility>
+#include <algorithm>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/parallel.h"
 #include "cpu/vector_math.h"
 
 namespace interpkernels::cpu {
@@ -23,7 +25,7 @@ namespace {
 template <typename scalar_t>
 void remove_parallel_rows(scalar_t* grad, const scalar_t* weight, int64_t rows, int64_t width) {
   using acc_t = at::opmath_type<scalar_t>;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(rows * width))
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* w = weight + i * width;
     scalar_t* g = grad + i * width;
@@ -38,7 +40,7 @@ void remove_parallel_rows(scalar_t* grad, const scalar_t* weight, int64_t rows, 
 template <typename scalar_t>
 void normalize_rows(scalar_t* weight, int64_t rows, int64_t width) {
   using acc_t = at::opmath_type<scalar_t>;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(rows * width))
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* w = weight + i * width;
     const acc_t norm = std::sqrt(dot(w, w, width));
@@ -47,19 +49,24 @@ void normalize_rows(scalar_t* weight, int64_t rows, int64_t width) {
   }
 }
 
-// Column sums of y and y^2 and the total squared error, per thread, then
-// combined: total variance = sum_c (sum_n y^2 - (sum_n y)^2 / N).
-// Returns (squared error, total variance).
+// Column sums of y and y^2 and the total squared error, per chunk of rows,
+// then combined in chunk order: total variance = sum_c (sum_n y^2 - (sum_n y)^2 / N).
+// The chunks depend on the row count alone, so the result does not depend on
+// the number of threads or on their timing. Returns (squared error, total variance).
 template <typename scalar_t>
 std::pair<double, double> error_and_variance(const scalar_t* out, const scalar_t* y, int64_t rows, int64_t width) {
-  std::vector<double> column_sum(width, 0.0), column_square_sum(width, 0.0);
-  double squared_error = 0.0;
-#pragma omp parallel
-  {
-    std::vector<double> sum(width, 0.0), square_sum(width, 0.0);
+  constexpr int64_t kMaxChunks = 64;
+  const int64_t chunk_rows = std::max<int64_t>(256, (rows + kMaxChunks - 1) / kMaxChunks);
+  const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
+  // Per chunk: width column sums, width column square sums, then the squared error.
+  const int64_t stride = 2 * width + 1;
+  std::vector<double> partial(chunks * stride, 0.0);
+#pragma omp parallel for schedule(static) if (worth_parallel(rows * width))
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    double* sum = partial.data() + chunk * stride;
+    double* square_sum = sum + width;
     double error = 0.0;
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < rows; ++n) {
+    for (int64_t n = chunk * chunk_rows; n < std::min(rows, (chunk + 1) * chunk_rows); ++n) {
       for (int64_t c = 0; c < width; ++c) {
         const double target = static_cast<double>(y[n * width + c]);
         const double residual = static_cast<double>(out[n * width + c]) - target;
@@ -68,18 +75,18 @@ std::pair<double, double> error_and_variance(const scalar_t* out, const scalar_t
         error += residual * residual;
       }
     }
-#pragma omp critical
-    {
-      for (int64_t c = 0; c < width; ++c) {
-        column_sum[c] += sum[c];
-        column_square_sum[c] += square_sum[c];
-      }
-      squared_error += error;
-    }
+    square_sum[width] = error;
   }
-  double total_variance = 0.0;
-  for (int64_t c = 0; c < width; ++c)
-    total_variance += column_square_sum[c] - column_sum[c] * column_sum[c] / static_cast<double>(rows);
+  double squared_error = 0.0, total_variance = 0.0;
+  for (int64_t c = 0; c < width; ++c) {
+    double column_sum = 0.0, column_square_sum = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      column_sum += partial[chunk * stride + c];
+      column_square_sum += partial[chunk * stride + width + c];
+    }
+    total_variance += column_square_sum - column_sum * column_sum / static_cast<double>(rows);
+  }
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) squared_error += partial[chunk * stride + 2 * width];
   return {squared_error, total_variance};
 }
 

@@ -15,6 +15,7 @@
 
 #include "checks.h"
 #include "cpu/latent_grouping.h"
+#include "cpu/parallel.h"
 #include "cpu/vector_math.h"
 
 namespace interpkernels::cpu {
@@ -24,7 +25,7 @@ template <typename scalar_t>
 void sparse_decode_rows(const scalar_t* values, const int64_t* indices, const scalar_t* weight, const scalar_t* bias,
                         scalar_t* out, int64_t N, int64_t k, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(N * k * d))
   {
     std::vector<acc_t> acc(d);
 #pragma omp for schedule(static)
@@ -41,7 +42,7 @@ void sparse_decode_rows(const scalar_t* values, const int64_t* indices, const sc
 template <typename scalar_t>
 void gathered_dot_rows(const scalar_t* dense, const int64_t* indices, const scalar_t* weight, scalar_t* out, int64_t N,
                        int64_t k, int64_t d) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(N * k * d))
   for (int64_t n = 0; n < N; ++n) {
     const scalar_t* dense_row = dense + n * d;
     for (int64_t j = 0; j < k; ++j)
@@ -53,7 +54,7 @@ template <typename scalar_t>
 void sparse_transpose_matmul_rows(const scalar_t* values, const scalar_t* dense, const LatentGroups& groups, int64_t k,
                                   int64_t d, int64_t num_latents, scalar_t* rows, scalar_t* value_sums) {
   using acc_t = at::opmath_type<scalar_t>;
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel((groups.offsets.back() + num_latents) * d))
   {
     std::vector<acc_t> acc(d);
     // Group sizes vary wildly (dead latents are empty): balance dynamically.

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/parallel.h"
 #include "cpu/vector_math.h"
 
 namespace interpkernels::cpu {
@@ -219,7 +220,7 @@ template <typename scalar_t>
 void screen_tile(const Selection<scalar_t>& selection, const at::opmath_type<scalar_t>* pre, int64_t rows,
                  int64_t tile_width, int64_t first_latent) {
   using acc_t = at::opmath_type<scalar_t>;
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(rows * tile_width))
   {
     std::vector<Bound<acc_t>> scratch;
     scratch.reserve(selection.capacity + selection.k);
@@ -254,7 +255,7 @@ double row_norm(const T* row, int64_t width) {
 template <typename scalar_t, typename acc_t>
 std::pair<double, double> weight_and_bias_bounds(const scalar_t* weight, const acc_t* bias, int64_t M, int64_t d) {
   double weight_bound = 0, bias_bound = 0;
-#pragma omp parallel for schedule(static) reduction(max : weight_bound, bias_bound)
+#pragma omp parallel for schedule(static) reduction(max : weight_bound, bias_bound) if (worth_parallel(M * d))
   for (int64_t i = 0; i < M; ++i) {
     weight_bound = std::max(weight_bound, row_norm<true>(weight + i * d, d));
     if (std::isfinite(bias[i])) bias_bound = std::max(bias_bound, std::abs(static_cast<double>(bias[i])));
@@ -305,7 +306,7 @@ void select_topk(const at::Tensor& centered, const at::Tensor& weight, const at:
   for (int64_t first_row = 0; first_row < N; first_row += kRowTile) {
     const int64_t block = std::min(kRowTile, N - first_row);
     selection.first_row = first_row;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(block * d))
     for (int64_t r = 0; r < block; ++r) {
       const double norm = row_norm<false>(selection.centered + (first_row + r) * d, d);
       const double scale = norm * weight_bound + bias_bound;
@@ -325,7 +326,7 @@ void select_topk(const at::Tensor& centered, const at::Tensor& weight, const at:
                     weight.narrow(0, first_latent, tile_width).to(acc_type).t());
       screen_tile(selection, pre.const_data_ptr<acc_t>(), block, tile_width, first_latent);
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(block * k * (d + 16)))
     for (int64_t r = 0; r < block; ++r) {
       selection.score_candidates(r);
       Key<acc_t>* heap = heaps.data() + r * k;
