@@ -57,3 +57,13 @@ def triton_as_on_gpu():
         patch.setattr(builder, "cast_impl", rounding_cast)
         patch.setattr(builder, "create_dot", float32_dot)
         yield TRITON_DEVICE
+
+
+@pytest.fixture(params=interpkernels.supported_cpu_isas())
+def cpu_isa(request):
+    """Runs a test once per instruction-set level this CPU has (AVX-512, AVX2,
+    baseline): every level must give the same results, and CI machines differ."""
+    previous = interpkernels.cpu_isa()
+    interpkernels.set_cpu_isa(request.param)
+    yield request.param
+    interpkernels.set_cpu_isa(previous)

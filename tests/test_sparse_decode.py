@@ -42,7 +42,7 @@ def decode_grads(fn, values, indices, W_dec, bias, grad_out):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("leading,k,M,d", SHAPES)
-def test_values_and_gradients_match_reference(leading, k, M, d, dtype):
+def test_values_and_gradients_match_reference(leading, k, M, d, dtype, cpu_isa):
     values, indices = make_code(leading, k, M, dtype)
     W_dec = torch.randn(M, d, dtype=dtype)
     bias = torch.randn(d, dtype=dtype)
@@ -71,7 +71,7 @@ def test_repeated_indices_add_up():
     )
 
 
-def test_non_contiguous_inputs_and_int32_indices():
+def test_non_contiguous_inputs_and_int32_indices(cpu_isa):
     M, d = 97, 24
     values_wide, indices_wide = make_code((30,), 10, M, torch.float32)
     values, indices = values_wide[:, ::2], indices_wide.int()[:, ::2]  # strided views
@@ -114,7 +114,7 @@ def test_empty_code_decodes_to_the_bias_with_gradients(leading, backend):
     torch.testing.assert_close(no_bias.cpu(), torch.zeros(*leading, d))
 
 
-def test_fp64_gradcheck_and_gradgradcheck():
+def test_fp64_gradcheck_and_gradgradcheck(cpu_isa):
     values, indices = make_code((6,), 3, 11, torch.float64)
     inputs = (values.requires_grad_(), torch.randn(11, 5, dtype=torch.float64, requires_grad=True),
               torch.randn(5, dtype=torch.float64, requires_grad=True))
@@ -126,7 +126,7 @@ def test_fp64_gradcheck_and_gradgradcheck():
     assert torch.autograd.gradgradcheck(decode, inputs)
 
 
-def test_gradient_products_gradcheck():
+def test_gradient_products_gradcheck(cpu_isa):
     """gathered_dot and sparse_transpose_matmul are differentiable too, so
     double backward of every op runs on the kernels."""
     N, k, M, d = 5, 3, 9, 4

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from oracle import ALL_DTYPES, LOW_PRECISION, assert_matches_oracle, max_error
+from devices import backends_and_devices
+from oracle import LOW_PRECISION, assert_matches_oracle, max_error
 
 import interpkernels
 from interpkernels import reference
@@ -39,7 +40,7 @@ def encode_grads(encode, x, W_enc, b_enc, pre_bias, grad_values):
 
 @pytest.mark.parametrize("leading,d,M,k", SHAPES)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-def test_matches_reference_exactly_in_selection(leading, d, M, k, dtype):
+def test_matches_reference_exactly_in_selection(leading, d, M, k, dtype, cpu_isa):
     x = torch.randn(*leading, d, dtype=dtype)
     W_enc, b_enc, pre_bias = make_encoder(d, M, dtype)
     grad_values = torch.randn(*leading, k, dtype=dtype)
@@ -62,7 +63,7 @@ def test_matches_reference_exactly_in_selection(leading, d, M, k, dtype):
 
 @pytest.mark.parametrize("leading,d,M,k", SHAPES[1:5])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_low_precision_within_twice_torch_error(leading, d, M, k, dtype):
+def test_low_precision_within_twice_torch_error(leading, d, M, k, dtype, cpu_isa):
     """In bf16/fp16, near-ties may legitimately rank differently than in
     float64, so the selection is checked for validity (its float64
     pre-activations are the true top-k up to twice torch's own error) and
@@ -91,7 +92,7 @@ def test_low_precision_within_twice_torch_error(leading, d, M, k, dtype):
         assert_matches_oracle(got, want, torch_result)
 
 
-def test_ties_go_to_the_lower_latent_index():
+def test_ties_go_to_the_lower_latent_index(cpu_isa):
     d, M = 6, 40
     W_enc = torch.randn(1, d).expand(M, d).contiguous()  # every latent identical
     b_enc = torch.full((M,), 0.25)
@@ -102,6 +103,95 @@ def test_ties_go_to_the_lower_latent_index():
     W_wide = torch.randn(1, d).expand(4100, d).contiguous()
     _, indices = interpkernels.topk_encode(x, W_wide, torch.zeros(4100), 3)
     assert torch.equal(indices, torch.arange(3).expand(9, 3))
+
+
+def test_ties_break_to_the_lower_latent_wherever_the_latents_sit(cpu_isa):
+    """Copies of one latent among random others, in both GEMM tiles (2048
+    latents each) and in the last, partial one: each copy's pre-activation must
+    be the same bits, so the lowest copies win, whatever the CPU."""
+    d, M = 37, 4500
+    x = torch.randn(9, d)
+    W_enc, b_enc = torch.randn(M, d) / d**0.5, 0.1 * torch.randn(M)
+    copies = torch.tensor([4098, 5, 2047, 4096, 2048, 4097])
+    W_enc[copies] = torch.randn(d)
+    b_enc[copies] = 10.0  # above every other latent
+    values, indices = interpkernels.topk_encode(x, W_enc, b_enc, 4)
+    assert torch.equal(indices, torch.tensor([5, 2047, 2048, 4096]).expand(9, 4))
+    assert torch.equal(values, values[:, :1].expand(9, 4))
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("with_threshold", (False, True), ids=("topk", "threshold"))
+def test_screening_never_changes_the_selection(dtype, with_threshold, cpu_isa):
+    """The CPU kernel screens latents with the GEMM and decides on the canonical
+    dot. With k = M nothing is screened out, so the first k of that ranking are
+    the exact answer. Coarse integer data makes exact ties and near-ties
+    everywhere, across latent tiles (2048) and row blocks (1024 rows)."""
+    N, d, M, k = 1030, 12, 2100, 7
+    x = torch.randint(-4, 5, (N, d)).to(dtype) / 4
+    W_enc = torch.randint(-3, 4, (M, d)).to(dtype) / 3
+    W_enc[::7] += (1e-3 * torch.randn(M, d)[::7]).to(dtype)  # near-ties as well as exact ones
+    b_enc = torch.randint(-2, 3, (M,)).to(dtype) / 8
+    threshold = (torch.rand(M) * 2).to(dtype) if with_threshold else None
+    values, indices = interpkernels.topk_encode(x, W_enc, b_enc, k, threshold=threshold)
+    all_values, all_indices = interpkernels.topk_encode(x, W_enc, b_enc, M, threshold=threshold)
+    assert torch.equal(indices, all_indices[:, :k])
+    assert torch.equal(values, all_values[:, :k])
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+def test_nan_ranks_first_and_stays_nan(backend, device):
+    """torch.topk's rule on every backend: a NaN pre-activation ranks above every
+    number, ties among NaN to the lower latent, and its value stays NaN (never
+    hidden: a diverged model must look diverged)."""
+    d, M, k = 8, 60, 4
+    x = torch.randn(5, d)
+    W_enc, b_enc, _ = make_encoder(d, M, torch.float32)
+    W_enc[[41, 17], 3] = float("nan")
+    x[4, 0] = float("nan")  # every latent of row 4 is NaN
+    values, indices = interpkernels.topk_encode(x.to(device), W_enc.to(device), b_enc.to(device), k, backend=backend)
+    values, indices = values.cpu(), indices.cpu()
+    if backend == "torch":  # torch.topk does not promise an order among NaN
+        indices[:, :2] = indices[:, :2].sort(dim=-1).values
+    assert torch.equal(indices[:4, :2], torch.tensor([17, 41]).expand(4, 2))
+    assert values[:4, :2].isnan().all() and not values[:4, 2:].isnan().any()
+    want_values, want_indices = reference.topk_encode(x[:4].double(), W_enc.double(), b_enc.double(), k)
+    assert torch.equal(indices[:4, 2:], want_indices[:, 2:])
+    assert_matches_oracle(values[:4, 2:], want_values[:, 2:])
+    assert values[4].isnan().all()
+    if backend != "torch":
+        assert torch.equal(indices[4], torch.arange(k))
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+def test_threshold_ranks_latents_above_their_own_threshold_first(backend, device):
+    # The JumpReLU case: latent 0 has the larger pre but is below its threshold.
+    values, indices = interpkernels.topk_encode(torch.tensor([[5.0, 3.0]], device=device), torch.eye(2, device=device),
+                                                torch.zeros(2, device=device), 1,
+                                                threshold=torch.tensor([10.0, 1.0], device=device), backend=backend)
+    assert indices.tolist() == [[1]] and values.tolist() == [[3.0]]
+
+    d, M, k = 10, 90, 6
+    x = torch.randn(40, d) * torch.linspace(0.1, 4, 40)[:, None]  # from rows with few latents above to full rows
+    W_enc, b_enc, pre_bias = make_encoder(d, M, torch.float32)
+    threshold = 1 + torch.rand(M)
+    ours = interpkernels.topk_encode(*(t.to(device) for t in (x, W_enc, b_enc)), k, pre_bias=pre_bias.to(device),
+                                     threshold=threshold.to(device), backend=backend)
+    values, indices = (t.cpu() for t in ours)
+    want_values, want_indices = reference.topk_encode(x.double(), W_enc.double(), b_enc.double(), k,
+                                                      pre_bias=pre_bias.double(), threshold=threshold.double())
+    assert torch.equal(indices, want_indices)
+    assert_matches_oracle(values, want_values)
+    above = values > threshold[indices]
+    assert above.all(dim=-1).any() and not above.all(dim=-1).all()
+    # Latents above threshold come first in every row.
+    assert torch.equal(above, above.sort(dim=-1, descending=True, stable=True).values)
+
+
+def test_no_width_means_the_bias_alone(cpu_isa):
+    values, indices = interpkernels.topk_encode(torch.empty(3, 0), torch.empty(5, 0),
+                                                torch.tensor([0.5, -1.0, 2.0, 1.0, 0.0]), 2)
+    assert indices.tolist() == [[2, 3]] * 3 and values.tolist() == [[2.0, 1.0]] * 3
 
 
 def test_latent_mask_restricts_competition_and_gradients_reach_the_encoder():
@@ -128,7 +218,7 @@ def test_latent_mask_restricts_competition_and_gradients_reach_the_encoder():
     )
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(cpu_isa):
     d, M, k = 24, 200, 9
     x = torch.randn(20, 2 * d)[:, ::2]
     W_enc = (torch.randn(d, M) / d**0.5).T  # SAELens stores W_enc as [d, M]
@@ -144,7 +234,7 @@ def test_non_contiguous_inputs():
         assert_matches_oracle(got, want)
 
 
-def test_fp64_gradcheck_and_gradgradcheck():
+def test_fp64_gradcheck_and_gradgradcheck(cpu_isa):
     d, M, k = 5, 17, 4
     inputs = [t.requires_grad_() for t in (torch.randn(3, 2, d, dtype=torch.float64), *make_encoder(d, M, torch.float64))]
 
@@ -204,6 +294,9 @@ def bad_inputs():
         "latent_mask": torch.ones(9, dtype=torch.bool)}
     yield "k: expected at most the 3 latents latent_mask keeps in, got 4", ValueError, (x, W_enc, b_enc, 4), {
         "latent_mask": torch.arange(10) < 3}
+    yield "threshold: expected shape [M] = [10]", ValueError, (x, W_enc, b_enc, 2), {"threshold": torch.ones(9)}
+    yield "threshold: expected a float64, float32", TypeError, (x, W_enc, b_enc, 2), {
+        "threshold": torch.ones(10, dtype=torch.long)}
 
 
 @pytest.mark.parametrize("message,error,args,kwargs", list(bad_inputs()),
