@@ -3,6 +3,7 @@ jumprelu_encode and multi_target_decode, against dense references."""
 
 import pytest
 import torch
+from devices import backends_and_devices
 from oracle import assert_matches_oracle
 
 import interpkernels
@@ -53,6 +54,39 @@ def test_jumprelu_matches_dense_reference():
                           reference.jumprelu(x, W, b, threshold, pre_bias=pre_bias))
     inputs = [t.clone().requires_grad_() for t in (x, W, b)]
     assert torch.autograd.gradcheck(lambda x, W, b: interpkernels.jumprelu_encode(x, W, b, threshold, M)[0], inputs)
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+def test_jumprelu_ranks_only_latents_above_their_threshold(backend, device):
+    # pre = [5, 3], threshold = [10, 1], max_l0 = 1: latent 1 (3 > 1) is the answer,
+    # though latent 0 has the larger pre-activation.
+    values, indices = interpkernels.jumprelu_encode(
+        torch.tensor([[5.0, 3.0]], device=device), torch.eye(2, device=device), torch.zeros(2, device=device),
+        torch.tensor([10.0, 1.0], device=device), 1, backend=backend)
+    assert indices.tolist() == [[1]] and values.tolist() == [[3.0]]
+
+
+@pytest.mark.parametrize("backend,device", backends_and_devices())
+def test_jumprelu_with_max_l0_below_m_is_exact_until_the_cap(backend, device):
+    """Mixed thresholds, max_l0 < M: rows with at most max_l0 latents above
+    threshold match the dense reference exactly; rows with more keep their
+    max_l0 largest, and rows_at_cap counts exactly the rows whose slots are all
+    active."""
+    d, M, max_l0 = 10, 80, 5
+    x = torch.randn(60, d) * torch.linspace(0.2, 3, 60)[:, None]  # few to many latents above threshold
+    W, b, pre_bias = (t.float() for t in encoder(d, M))
+    threshold = 0.5 + torch.rand(M) * torch.tensor([1.0, 2.0, 4.0]).repeat_interleave(M // 3 + 1)[:M]
+    values, indices = interpkernels.jumprelu_encode(*(t.to(device) for t in (x, W, b, threshold)), max_l0,
+                                                    pre_bias=pre_bias.to(device), backend=backend)
+    values, indices = values.cpu(), indices.cpu()
+    dense = reference.jumprelu(x.double(), W.double(), b.double(), threshold.double(), pre_bias=pre_bias.double())
+    active = (dense > 0).sum(-1)
+    capped = active >= max_l0
+    assert capped.any() and (~capped).any() and (active > max_l0).any()
+    assert rows_at_cap(values) == capped.sum()
+    ours = reference.densify(values, indices, M)
+    assert_matches_oracle(ours[~capped], dense[~capped])
+    assert_matches_oracle(values[capped], dense[capped].topk(max_l0, dim=-1).values)
 
 
 def test_jumprelu_threshold_gets_the_straight_through_gradient():
