@@ -1,4 +1,4 @@
-"""Comparison against float64 oracles with SPEC.md §6 tolerances, shared by the tests."""
+"""Comparison against float64 oracles with docs/OPS.md tolerances, shared by the tests."""
 
 import torch
 
@@ -11,7 +11,7 @@ def max_error(actual: torch.Tensor, oracle: torch.Tensor) -> float:
 
 
 def assert_matches_oracle(actual: torch.Tensor, oracle: torch.Tensor, torch_same_dtype: torch.Tensor | None = None):
-    """SPEC.md §6 tolerances against a float64 oracle.
+    """docs/OPS.md tolerances against a float64 oracle.
 
     float64: 1e-12 and float32: 1e-5 relative to the oracle's largest entry.
     float16 / bfloat16: at most twice the error torch itself makes computing the

@@ -1,4 +1,4 @@
-"""remove_parallel_component_, normalize_rows_ and fvu (SPEC.md §3), on the
+"""remove_parallel_component_, normalize_rows_ and fvu (docs/OPS.md), on the
 C++ CPU kernels and on the Triton kernels (under the interpreter without a GPU)."""
 
 import pytest

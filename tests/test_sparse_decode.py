@@ -1,4 +1,4 @@
-"""sparse_decode and its gradient products against the dense reference (SPEC.md §2, §6)."""
+"""sparse_decode and its gradient products against the dense reference (docs/OPS.md)."""
 
 import pytest
 import torch

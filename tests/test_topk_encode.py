@@ -1,4 +1,4 @@
-"""topk_encode against the dense reference (SPEC.md §1, §6)."""
+"""topk_encode against the dense reference (docs/OPS.md)."""
 
 import pytest
 import torch
@@ -196,7 +196,7 @@ def test_no_width_means_the_bias_alone(cpu_isa):
 
 def test_latent_mask_restricts_competition_and_gradients_reach_the_encoder():
     """AuxK: top-k over dead latents only, with gradients into W_enc and b_enc
-    (EleutherAI sparsify drops these; SPEC.md §1)."""
+    (EleutherAI sparsify drops these; docs/OPS.md)."""
     d, M, k = 12, 300, 6
     x = torch.randn(25, d, dtype=torch.float64)
     W_enc, b_enc, pre_bias = make_encoder(d, M, torch.float64)

@@ -1,4 +1,4 @@
-"""The Triton kernels (interpkernels.triton_kernels) against the float64 references (SPEC.md §1, §2, §6).
+"""The Triton kernels (interpkernels.triton_kernels) against the float64 references (docs/OPS.md).
 
 On a GPU they run on CUDA tensors; without one, under the Triton interpreter on CPU
 tensors, at tiny sizes with small blocks (16 is the smallest tile `tl.dot` compiles).

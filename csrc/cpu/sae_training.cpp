@@ -1,4 +1,4 @@
-// CPU kernels for the per-step helpers of SAE training (SPEC.md §3):
+// CPU kernels for the per-step helpers of SAE training (docs/OPS.md):
 //   remove_parallel_component_  grad[i] -= (grad[i] . w_i) w_i / ||w_i||^2
 //   normalize_rows_             w_i /= ||w_i||
 //   fvu                         sum ||out - y||^2 / sum ||y - mean(y)||^2

@@ -1,4 +1,4 @@
-// CPU kernel for the TopK encoder (SPEC.md §1, docs/OPS.md):
+// CPU kernel for the TopK encoder (docs/OPS.md):
 //   pre[n, i]   = (x[n] - pre_bias) . W_enc[i] + b_enc[i]
 //   indices[n]  = the k latents of highest rank in row n, over the latents
 //                 latent_mask keeps in, in rank order

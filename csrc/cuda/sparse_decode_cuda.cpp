@@ -1,4 +1,4 @@
-// CUDA registrations of the sparse-code products of SPEC §2, as torch glue
+// CUDA registrations of the sparse-code products of docs/OPS.md, as torch glue
 // around the torch-free kernels of sparse_decode_kernels.cu:
 //   sparse_decode            out[n]    = sum_j values[n,j] * W[indices[n,j]] + bias
 //   gathered_dot             out[n,j]  = W[indices[n,j]] . dense[n]

@@ -1,4 +1,4 @@
-// CUDA kernels for the sparse decode of SPEC §2 and its backward, free of torch
+// CUDA kernels for the sparse decode of docs/OPS.md and its backward, free of torch
 // headers so they compile with plain nvcc.
 //
 // Shared contract of every launcher:

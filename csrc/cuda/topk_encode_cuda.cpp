@@ -1,4 +1,4 @@
-// CUDA registration of the TopK encoder of SPEC §1, the two-pass path for
+// CUDA registration of the TopK encoder of docs/OPS.md, the two-pass path for
 // large k, as torch glue around the torch-free kernel of topk_encode_kernels.cu:
 //   pass 1 (ATen, cuBLAS)  pre [N, M] = (x - pre_bias) @ W_enc^T + b_enc in float32
 //   pass 2 (the kernel)    per row, the k highest-ranked latents (NaN first,

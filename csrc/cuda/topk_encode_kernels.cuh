@@ -1,4 +1,4 @@
-// CUDA kernel for pass 2 of the two-pass TopK encoder of SPEC §1 (the large-k
+// CUDA kernel for pass 2 of the two-pass TopK encoder of docs/OPS.md (the large-k
 // path), free of torch headers so it compiles with plain nvcc. Pass 1, the
 // GEMM that materializes pre [N, M] in float32, is done by the torch glue.
 //

@@ -1,7 +1,7 @@
 """Dense pure-PyTorch versions of every op, written for clarity, not speed.
 
 They are the oracles of the tests (run in float64) and the baselines of the
-benchmarks. Each follows ../SPEC.md literally: the encoder materializes the
+benchmarks. Each follows docs/OPS.md literally: the encoder materializes the
 full pre-activation matrix, the decoder scatters the code into a dense
 [N, M] matrix and multiplies.
 """

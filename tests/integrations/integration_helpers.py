@@ -16,7 +16,7 @@ import torch
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "") -> None:
-    """SPEC.md §6 for float32: max |actual - expected| <= rtol * max |expected|
+    """docs/OPS.md tolerances for float32: max |actual - expected| <= rtol * max |expected|
     (plus a float32 eps floor for tensors that are all zero or nearly so)."""
     if expected.is_sparse:
         expected = expected.to_dense()

@@ -4,7 +4,7 @@ cross-layer transcoder decodes a layer's code to every later layer.
     out[t, n] = sum_j values[n, j] * W_dec[t, indices[n, j]] + bias[t]
 
 With the decoder stored latent-major ([M, T, d] memory, exposed as the
-[T, M, d] view SPEC.md names) this is a single sparse_decode of width T*d:
+[T, M, d] view docs/OPS.md names) this is a single sparse_decode of width T*d:
 the code is read once, each latent's T rows are one contiguous gather, and
 the weight gradient is one grouping and one reduction per latent. A decoder
 stored target-major is copied to that layout first (once per call).

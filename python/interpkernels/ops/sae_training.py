@@ -1,4 +1,4 @@
-"""Per-step helpers of SAE training (SPEC.md §3), one pass over their operands.
+"""Per-step helpers of SAE training (docs/OPS.md), one pass over their operands.
 
     remove_parallel_component_(grad, weight)   grad[i] -= (grad[i] . w_i) w_i / ||w_i||^2
     normalize_rows_(weight)                     w_i /= ||w_i||

@@ -1,4 +1,4 @@
-"""Triton kernels of the GPU path (SPEC.md §1, §2): plain functions on 2-D, contiguous-or-strided,
+"""Triton kernels of the GPU path (docs/OPS.md): plain functions on 2-D, contiguous-or-strided,
 already validated tensors; the torch ops, autograd and fake impls wrap them elsewhere.
 
 Importing this package needs triton. `@triton.jit` reads TRITON_INTERPRET when a kernel is

@@ -1,4 +1,4 @@
-"""Triton kernels for the per-step helpers of SAE training (SPEC.md §3).
+"""Triton kernels for the per-step helpers of SAE training (docs/OPS.md).
 
     remove_parallel_component_  grad[i] -= (grad[i] . w_i) w_i / ||w_i||^2   (in place)
     normalize_rows_             w_i /= ||w_i||                               (in place)
