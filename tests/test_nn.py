@@ -42,6 +42,13 @@ def test_forward_on_no_rows_raises_naming_x(cls, leading):
         module(x, torch.randn(*leading, 8))
 
 
+def test_cross_layer_transcoder_on_no_rows_raises_naming_the_input():
+    module = ik_nn.CrossLayerTranscoder(2, 8, 24, 3, seed=0)
+    inputs = [torch.randn(4, 8), torch.randn(0, 8)]
+    with pytest.raises(ValueError, match=r"inputs\[1\]: expected at least one row"):
+        module(inputs, [torch.randn(4, 8), torch.randn(0, 8)])
+
+
 def test_topk_sae_code_is_the_reference_encoder():
     module = randomize_(ik_nn.TopKSAE(10, 30, 3, seed=0)).double()
     x = torch.randn(20, 10, dtype=torch.float64)

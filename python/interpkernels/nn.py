@@ -280,6 +280,8 @@ class CrossLayerTranscoder(SafetensorsModule):
     def forward(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> SparseCoderOutput:
         """FVU over all layers together; values/indices stacked ``[L, ..., k]``;
         no AuxK yet (``auxk_loss`` is 0)."""
+        for layer, x in enumerate(inputs):
+            v.require_rows(f"inputs[{layer}]", v.require_tensor(f"inputs[{layer}]", x))
         codes = self.encode(inputs)
         reconstructions = self.decode(codes)
         error = sum((out.float() - y.float()).square().sum() for out, y in zip(reconstructions, targets))

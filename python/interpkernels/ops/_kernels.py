@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from interpkernels import _validation as v
+
 _ops = torch.ops.interpkernels
 _OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "remove_parallel_component_",
              "normalize_rows_", "fvu")
@@ -45,16 +47,6 @@ def _check_triton_dtype(tensor: torch.Tensor) -> None:
         raise TypeError(f"the triton backend runs float32, bfloat16 and float16, got {tensor.dtype}")
 
 
-def _check_index_range(indices: torch.Tensor, num_latents: int) -> None:
-    """The C++ ops' check (csrc/checks.cpp): one min/max, one host sync."""
-    if indices.numel() == 0:
-        return
-    lowest, highest = torch.aminmax(indices)
-    lowest, highest = int(lowest), int(highest)
-    if lowest < 0 or highest >= num_latents:
-        raise IndexError(f"indices: expected every index in [0, {num_latents}), got values from {lowest} to {highest}")
-
-
 def _topk_encode_triton(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold):
     _check_triton_dtype(x)
     if latent_mask is not None:
@@ -66,19 +58,19 @@ def _topk_encode_triton(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold):
 
 def _sparse_decode_triton(values, indices, W_dec, bias):
     _check_triton_dtype(W_dec)
-    _check_index_range(indices, W_dec.shape[0])
+    v.require_indices_in_range("indices", indices, W_dec.shape[0])
     return _triton_kernels().sparse_decode(values, indices, W_dec, bias)
 
 
 def _gathered_dot_triton(dense, indices, W):
     _check_triton_dtype(W)
-    _check_index_range(indices, W.shape[0])
+    v.require_indices_in_range("indices", indices, W.shape[0])
     return _triton_kernels().gathered_dot(dense, indices, W)
 
 
 def _sparse_transpose_matmul_triton(values, indices, dense, num_latents):
     _check_triton_dtype(dense)
-    _check_index_range(indices, num_latents)
+    v.require_indices_in_range("indices", indices, num_latents)
     return _triton_kernels().sparse_transpose_matmul(values, indices, dense, num_latents)
 
 

@@ -28,7 +28,10 @@ from __future__ import annotations
 import torch
 
 from interpkernels import _validation as v
+from interpkernels.ops.batch_topk_encode import rows_at_cap
 from interpkernels.ops.topk_encode import topk_encode
+
+__all__ = ["apply_threshold", "jumprelu_candidates", "jumprelu_encode", "jumprelu_l0", "rows_at_cap"]
 
 
 class _ThresholdFunction(torch.autograd.Function):
