@@ -1,6 +1,9 @@
 """interpkernels.train and the demo's pieces, at sizes that run in seconds."""
 
+import re
+
 import numpy as np
+import pytest
 import torch
 
 from interpkernels import demo
@@ -66,3 +69,24 @@ def test_demo_runs_end_to_end_and_reports(tmp_path, capsys):
     assert "Recovered" in printed and "FVU" in printed and "faster" in printed
     assert (tmp_path / "sae.safetensors").exists()
     assert results["recovered"] > 0.5 and results["fvu"] < 0.3
+
+
+def test_memmap_batches_name_the_file_when_it_holds_fewer_rows_than_a_batch(tmp_path):
+    path = tmp_path / "acts.bin"
+    np.zeros((7, 4), dtype=np.float32).tofile(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: holds 7 rows of d=4, fewer than batch_size=10")):
+        memmap_batches(path, d=4, batch_size=10)
+
+
+def test_memmap_batches_name_the_file_when_its_size_is_not_whole_rows(tmp_path):
+    path = tmp_path / "acts.bin"
+    np.zeros(30, dtype=np.float32).tofile(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: 120 bytes is not a whole number of rows of d=4 float32")):
+        memmap_batches(path, d=4, batch_size=2)
+
+
+def test_memmap_batches_reject_an_empty_batch(tmp_path):
+    path = tmp_path / "acts.bin"
+    np.zeros((7, 4), dtype=np.float32).tofile(path)
+    with pytest.raises(ValueError, match="batch_size: expected at least 1, got 0"):
+        memmap_batches(path, d=4, batch_size=0)

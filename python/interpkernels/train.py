@@ -15,6 +15,7 @@ also decides whether AuxK (a second encoder pass) runs until the next one.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -61,15 +62,33 @@ def default_learning_rate(num_latents: int) -> float:
 def memmap_batches(path: str | Path, d: int, batch_size: int, *, dtype=np.float32, device="cpu",
                    shuffle_seed: int | None = 0) -> Iterator[torch.Tensor]:
     """Endless batches ``[batch_size, d]`` from a raw ``[tokens, d]`` array file
-    (numpy.memmap: only the rows of a batch are read)."""
-    array = np.memmap(path, dtype=dtype, mode="r").reshape(-1, d)
+    (numpy.memmap: only the rows of a batch are read).
+
+    Raises ValueError at once (not at the first batch) when the file is not a
+    whole number of rows of d values, or holds fewer than batch_size rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
+    row_bytes = d * np.dtype(dtype).itemsize
+    size = os.path.getsize(path)
+    if size % row_bytes:
+        raise ValueError(f"{path}: {size} bytes is not a whole number of rows of d={d} {np.dtype(dtype).name} "
+                         f"values ({row_bytes} bytes each); is d or dtype wrong?")
+    rows = size // row_bytes
+    if rows < batch_size:
+        raise ValueError(f"{path}: holds {rows} rows of d={d}, fewer than batch_size={batch_size}")
+    array = np.memmap(path, dtype=dtype, mode="r", shape=(rows, d))
     rng = np.random.default_rng(shuffle_seed)
-    while True:
-        starts = np.arange(0, len(array) - batch_size + 1, batch_size)
-        if shuffle_seed is not None:
-            rng.shuffle(starts)
-        for start in starts:
-            yield torch.from_numpy(np.array(array[start:start + batch_size])).to(device)
+
+    def batches() -> Iterator[torch.Tensor]:
+        while True:
+            starts = np.arange(0, rows - batch_size + 1, batch_size)
+            if shuffle_seed is not None:
+                rng.shuffle(starts)
+            for start in starts:
+                yield torch.from_numpy(np.array(array[start:start + batch_size])).to(device)
+
+    return batches()
 
 
 def _split(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
