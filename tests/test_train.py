@@ -1,6 +1,8 @@
 """interpkernels.train and the demo's pieces, at sizes that run in seconds."""
 
+import io
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from interpkernels import demo
 from interpkernels.nn import JumpReLUSAE, TopKSAE, Transcoder
-from interpkernels.train import DeadLatentCounter, memmap_batches, train
+from interpkernels.train import DeadLatentCounter, ProgressDisplay, memmap_batches, train
 
 
 def test_dead_latent_counter_counts_tokens_since_firing():
@@ -90,3 +92,38 @@ def test_memmap_batches_reject_an_empty_batch(tmp_path):
     np.zeros((7, 4), dtype=np.float32).tofile(path)
     with pytest.raises(ValueError, match="batch_size: expected at least 1, got 0"):
         memmap_batches(path, d=4, batch_size=0)
+
+
+def test_progress_off_a_terminal_is_plain_lines_from_the_first_step(capsys):
+    data = demo.SyntheticActivations.make(16, 32, 2.0, seed=0)
+    history = train(TopKSAE(16, 64, 4, seed=0), data.batches(64), steps=40, lr=3e-3, log_every=50,
+                    dead_after_tokens=640)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("step 1/40  fvu ")  # not only at the first log_every
+    assert lines[-1].startswith("step 40/40  fvu ")
+    assert f"dead {history.dead_latents[-1]} of 64" in lines[-1]
+
+
+def test_progress_off_a_terminal_adds_a_line_every_interval(capsys, monkeypatch):
+    monkeypatch.setattr(ProgressDisplay, "PLAIN_LINE_SECONDS", 0.0)
+    data = demo.SyntheticActivations.make(16, 32, 2.0, seed=0)
+    train(TopKSAE(16, 64, 4, seed=0), data.batches(64), steps=5, lr=3e-3, log_every=50)
+    assert [line.split()[1] for line in capsys.readouterr().err.splitlines()] == ["1/5", "2/5", "3/5", "4/5", "5/5"]
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    data = demo.SyntheticActivations.make(16, 32, 2.0, seed=0)
+    history = train(TopKSAE(16, 64, 4, seed=0), data.batches(64), steps=40, lr=3e-3, log_every=50,
+                    dead_after_tokens=640)
+    final = terminal.getvalue().split("\r")[-1]
+    assert "40/40" in final and "100%|" in final
+    assert f"dead {history.dead_latents[-1]} of 64" in final

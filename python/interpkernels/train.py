@@ -8,8 +8,13 @@ streams them from a raw array file on disk. Per step: forward (with AuxK on
 the latents dead for `dead_after_tokens` tokens), backward, the decoder
 gradient's component along each row removed, Adam, decoder rows back to unit
 norm (the SAE-only steps). Dead-latent counting stays on the device: nothing
-waits for the GPU except the progress line every `log_every` steps, which
-also decides whether AuxK (a second encoder pass) runs until the next one.
+waits for the GPU except the history check every `log_every` steps, which
+also decides whether AuxK (a second encoder pass) runs until the next one,
+and the progress display (:class:`ProgressDisplay`, every few seconds).
+
+A latent is *dead* when it has not fired in the last `dead_after_tokens`
+training tokens: the latents AuxK trains, counted in the progress display and
+in ``TrainHistory.dead_latents``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from interpkernels.nn import JumpReLUSAE, SparseCoder
 
@@ -91,6 +97,49 @@ def memmap_batches(path: str | Path, d: int, batch_size: int, *, dtype=np.float3
     return batches()
 
 
+class ProgressDisplay:
+    """What train() shows on stderr while it runs: a tqdm bar on a terminal;
+    elsewhere (a log file, CI) plain lines, no '\\r', after the first step,
+    then every `PLAIN_LINE_SECONDS` and at the last step, so the first news
+    comes within seconds whatever log_every is."""
+
+    TERMINAL_STATUS_SECONDS = 1.0
+    PLAIN_LINE_SECONDS = 10.0
+
+    def __init__(self, steps: int, num_latents: int):
+        self.steps, self.num_latents = steps, num_latents
+        self.started = self.last_shown = time.perf_counter()
+        self.tokens = 0
+        self.bar = tqdm(total=steps, unit="step", file=sys.stderr, dynamic_ncols=True) if sys.stderr.isatty() else None
+
+    def advance(self, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def due(self, step: int) -> bool:
+        """Whether to show a status now (each status waits for the device)."""
+        interval = self.TERMINAL_STATUS_SECONDS if self.bar is not None else self.PLAIN_LINE_SECONDS
+        return step == 1 or step == self.steps or time.perf_counter() - self.last_shown >= interval
+
+    def show(self, step: int, fvu: float, l0: float, dead: int) -> None:
+        now = time.perf_counter()
+        self.last_shown = now
+        status = (f"fvu {fvu:.4f}  l0 {l0:.1f}  dead {dead} of {self.num_latents}  "
+                  f"{self.tokens / (now - self.started):,.0f} tok/s")
+        if self.bar is not None:
+            self.bar.set_postfix_str(status, refresh=False)
+            return
+        elapsed = now - self.started
+        remaining = elapsed / step * (self.steps - step)
+        print(f"step {step}/{self.steps}  {status}  elapsed {tqdm.format_interval(elapsed)}  "
+              f"left {tqdm.format_interval(remaining)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _split(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
 
@@ -121,13 +170,15 @@ def train(
     device = next(module.parameters()).device
     dead = DeadLatentCounter(module.num_latents, device)
     history = TrainHistory()
+    display = ProgressDisplay(steps, module.num_latents) if progress else None
     started, tokens_since_log = time.perf_counter(), 0
     batch_iter = iter(batches)
     for step in range(1, steps + 1):
         x, target = _split(next(batch_iter))
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            # AuxK costs a second encoder pass: run it once the last progress check
-            # (the loop's only host sync) found dead latents.
+            # AuxK costs a second encoder pass: run it once the last history check
+            # found dead latents. Only that step-counted check decides, never the
+            # timed display, so a run does not depend on how fast it ran.
             any_dead = bool(history.dead_latents) and history.dead_latents[-1] > 0
             out = module(x, target, dead_mask=dead.dead_mask(dead_after_tokens) if any_dead else None)
         loss = out.fvu + auxk_coefficient * out.auxk_loss
@@ -141,24 +192,29 @@ def train(
         if normalize_decoder and module.normalizes_decoder:
             module.normalize_decoder_()
         dead.update(out.values.detach(), out.indices)
-        tokens_since_log += x.numel() // x.shape[-1]
+        tokens = x.numel() // x.shape[-1]
+        tokens_since_log += tokens
+        if display is not None:
+            display.advance(tokens)
 
-        if step % log_every == 0 or step == steps:
+        logging = step % log_every == 0 or step == steps
+        showing = display is not None and display.due(step)
+        if logging or showing:
+            fvu, l0, dead_latents = out.fvu.item(), out.l0.item(), int(dead.dead_mask(dead_after_tokens).sum())
+        if logging:
             elapsed = time.perf_counter() - started
             history.steps.append(step)
-            history.fvu.append(out.fvu.item())
+            history.fvu.append(fvu)
             history.auxk_loss.append(out.auxk_loss.item())
-            history.l0.append(out.l0.item())
+            history.l0.append(l0)
             history.tokens_per_second.append(tokens_since_log / elapsed)
-            history.dead_latents.append(int(dead.dead_mask(dead_after_tokens).sum()))
-            if progress:
-                print(f"\rstep {step}/{steps}  fvu {history.fvu[-1]:.4f}  l0 {history.l0[-1]:.1f}  "
-                      f"dead {history.dead_latents[-1]}  {history.tokens_per_second[-1]:,.0f} tok/s",
-                      end="", file=sys.stderr, flush=True)
+            history.dead_latents.append(dead_latents)
             started, tokens_since_log = time.perf_counter(), 0
+        if showing:
+            display.show(step, fvu, l0, dead_latents)
         if checkpoint_dir is not None and step % checkpoint_every == 0:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             module.save(Path(checkpoint_dir) / f"step_{step}.safetensors")
-    if progress:
-        print(file=sys.stderr)
+    if display is not None:
+        display.close()
     return history
