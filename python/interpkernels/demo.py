@@ -96,7 +96,7 @@ def throughput_table(device: torch.device, shapes: list[tuple[int, int, int, int
     return lines
 
 
-def save_plot(path: Path, best_cosine: torch.Tensor, history) -> bool:
+def save_plot(path: Path, cosine_at_init: torch.Tensor, cosine_trained: torch.Tensor, history) -> bool:
     try:
         import matplotlib
 
@@ -105,7 +105,9 @@ def save_plot(path: Path, best_cosine: torch.Tensor, history) -> bool:
     except ImportError:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.hist(best_cosine.cpu().numpy(), bins=40, range=(0, 1), color="tab:blue")
+    left.hist(cosine_at_init.cpu().numpy(), bins=40, range=(0, 1), color="tab:gray", alpha=0.7,
+              label="at initialisation")
+    left.hist(cosine_trained.cpu().numpy(), bins=40, range=(0, 1), color="tab:blue", alpha=0.7, label="trained")
     left.axvline(0.9, color="tab:red", linestyle="--", label="recovered (> 0.9)")
     left.set(title="True features: best decoder cosine", xlabel="max cosine similarity", ylabel="features")
     left.legend()
@@ -117,7 +119,7 @@ def save_plot(path: Path, best_cosine: torch.Tensor, history) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m interpkernels demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -131,36 +133,45 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo-output", help="folder for the plot and the trained SAE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     data = SyntheticActivations.make(args.d, args.features, args.mean_active, seed=args.seed, device=device)
     sae = TopKSAE(args.d, args.latents, args.k, seed=args.seed).to(device)
+    dead_after_tokens = 200 * args.batch_size
+    with torch.no_grad():
+        cosine_at_init = recovery(sae.W_dec, data.features)
     print(f"Training a TopK SAE (d={args.d}, M={args.latents}, k={args.k}) on {args.steps} x {args.batch_size} "
-          f"synthetic tokens with {args.features} true features on {device}", file=sys.stderr)
+          f"synthetic tokens with {args.features} true features on {device}; a latent is dead when it has not "
+          f"fired in the last {dead_after_tokens:,} tokens", file=sys.stderr)
     started = time.perf_counter()
     history = train(sae, data.batches(args.batch_size), steps=args.steps, lr=args.lr,
-                    dead_after_tokens=200 * args.batch_size, log_every=max(args.steps // 100, 1))
+                    dead_after_tokens=dead_after_tokens, log_every=max(args.steps // 100, 1))
     train_seconds = time.perf_counter() - started
 
     with torch.no_grad():
-        best_cosine = recovery(sae.W_dec, data.features)
+        cosine_trained = recovery(sae.W_dec, data.features)
         evaluation = sae(data.batch(8192))
-        fired = torch.zeros(args.latents, dtype=torch.bool, device=device)
-        fired[evaluation.indices[evaluation.values > 0]] = True
-    recovered = (best_cosine > 0.9).float().mean().item()
-    results = dict(recovered=recovered, fvu=evaluation.fvu.item(), dead=int((~fired).sum()),
-                   train_seconds=train_seconds)
+    results = dict(recovered_at_init=(cosine_at_init > 0.9).float().mean().item(),
+                   recovered=(cosine_trained > 0.9).float().mean().item(), fvu=evaluation.fvu.item(),
+                   dead=history.dead_latents[-1], train_seconds=train_seconds)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sae.save(out / "sae.safetensors")
     plot_path = out / "demo.png"
-    plotted = save_plot(plot_path, best_cosine, history)
-    print(f"\nRecovered {recovered:.1%} of {args.features} true features (max decoder cosine > 0.9)")
+    plotted = save_plot(plot_path, cosine_at_init, cosine_trained, history)
+    print(f"\nRecovered {results['recovered']:.1%} of {args.features} true features (max decoder cosine > 0.9), "
+          f"{results['recovered_at_init']:.1%} at initialisation")
     print(f"FVU on 8192 fresh tokens: {results['fvu']:.4f}")
-    print(f"Dead latents (no activation on those tokens): {results['dead']} of {args.latents}")
+    print(f"Dead latents (not fired in the last {dead_after_tokens:,} training tokens): {results['dead']} "
+          f"of {args.latents}")
     print(f"Training: {train_seconds:.1f} s, {history.tokens_per_second[-1]:,.0f} tokens/s at the end")
     print("Throughput of a training step (forward + backward), ours vs the dense reference, this run:")
     big = (2048, 512, 8192, 32) if device.type == "cpu" else (16384, 4096, 131072, 32)

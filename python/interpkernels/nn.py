@@ -16,6 +16,7 @@ and returns a :class:`SparseCoderOutput` from ``forward``. Codes are sparse
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -39,6 +40,20 @@ class SparseCoderOutput(NamedTuple):
     fvu: torch.Tensor  # 0-d, float32 (float64 for a float64 module)
     auxk_loss: torch.Tensor  # 0-d, like fvu (0 without a dead mask)
     l0: torch.Tensor  # 0-d: mean active latents per token (differentiable for JumpReLU)
+
+
+def init_generator(seed: int | None) -> torch.Generator | None:
+    """The generator of a module's initial weights, or None for torch's global one.
+
+    Seeded from a hash of ("interpkernels.nn", seed), not from seed itself: data
+    drawn from a generator seeded alike (``torch.manual_seed(seed)``, the
+    demo's synthetic features) would otherwise share its first draws with the
+    weights, and the module would start out knowing what it is to learn.
+    """
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"interpkernels.nn:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def unit_rows(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -98,7 +113,7 @@ class SparseCoder(SafetensorsModule):
         self.d_in, self.d_out = d_in, d_in if d_out is None else d_out
         self.num_latents, self.k = num_latents, k
         self.k_aux = k_aux if k_aux is not None else min(num_latents, max(d_in // 2, 1))
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = init_generator(seed)
         W_dec = unit_rows((num_latents, self.d_out), generator)
         # Tied initialisation (W_enc = W_dec) where the shapes allow it.
         W_enc = W_dec.clone() if d_in == self.d_out else unit_rows((num_latents, d_in), generator)
@@ -251,7 +266,7 @@ class CrossLayerTranscoder(SafetensorsModule):
     def __init__(self, num_layers: int, d_model: int, num_latents: int, k: int, *, seed: int | None = None):
         super().__init__()
         self.config = dict(num_layers=num_layers, d_model=d_model, num_latents=num_latents, k=k, seed=seed)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = init_generator(seed)
         self.W_enc = nn.ParameterList(nn.Parameter(unit_rows((num_latents, d_model), generator))
                                       for _ in range(num_layers))
         self.b_enc = nn.ParameterList(nn.Parameter(torch.zeros(num_latents)) for _ in range(num_layers))
