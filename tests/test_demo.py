@@ -1,7 +1,9 @@
 """The demo: what it reports is measured (recovery starts near zero and is
-printed beside the trained value)."""
+printed beside the trained value), and bad flags end in one line, not a
+traceback."""
 
 import pytest
+import torch
 
 from interpkernels import demo
 from interpkernels.nn import TopKSAE
@@ -30,3 +32,26 @@ def test_small_demo_reports_recovery_before_and_after_and_one_dead_count(tmp_pat
     assert f"Dead latents (not fired in the last 51,200 training tokens): {results['dead']} of 64" in captured.out
     assert captured.err.splitlines()[-1].startswith("step 300/300")
     assert f"dead {results['dead']} of 64" in captured.err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
+    (["--k", "600"], "--k 600 is more than --latents 512"),
+    (["--device", "nowhere"], "--device nowhere: "),
+])
+def test_bad_flags_end_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m interpkernels demo: error: {message}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable CUDA device")
+def test_demo_on_cuda_without_cuda_ends_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m interpkernels demo: error: --device cuda: ")

@@ -119,6 +119,20 @@ def save_plot(path: Path, cosine_at_init: torch.Tensor, cosine_trained: torch.Te
     return True
 
 
+def argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the demo's arguments, in one line, or None."""
+    for flag in ("d", "features", "latents", "k", "steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+    if args.k > args.latents:
+        return f"--k {args.k} is more than --latents {args.latents}"
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as error:  # a CPU-only torch asserts on cuda
+        return f"--device {args.device}: {str(error).strip().splitlines()[0]}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m interpkernels demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    error = argument_error(args)
+    if error is not None:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
