@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for interpkernels: a virtual environment, torch,
 # the build and test tools, and the extension built against that torch.
-# Safe to re-run: existing pieces are kept and the build is incremental.
+# Safe to re-run: existing pieces are kept and the build is incremental; a
+# re-run with nothing changed since the last complete one (the stamp below)
+# only checks that interpkernels imports.
 #
 #   bash setup_helpers/bootstrap.sh [--with-peers]
 #   --with-peers          also install the peer SAE libraries the adapter tests
@@ -26,6 +28,30 @@ esac
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 fail() { printf '\nbootstrap failed: %s\n' "$*" >&2; exit 1; }
+
+# The stamp of a complete run: a hash of everything the steps below read (the
+# sources too: the install is not editable, so a changed .py needs it again),
+# the torch they built against, nvcc, and whether the peers were installed.
+# The hash is taken before anything is built: an edit made during the build
+# then leaves a stamp that no longer matches.
+stamp_file="$venv/interpkernels-bootstrap.stamp"
+sources_hash=$(cd "$repo" && find pyproject.toml CMakeLists.txt csrc python setup_helpers/bootstrap.sh \
+    setup_helpers/peer-requirements.txt -type f ! -name '*.so' ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
+  | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+stamp() {  # stamp <torch version> <peers installed: 0|1>
+  printf 'sources %s\ntorch %s\nnvcc %s\npeers %s\n' "$sources_hash" "$1" "$(command -v nvcc || echo none)" "$2"
+}
+if [ -f "$stamp_file" ] && installed_torch=$("$venv/bin/python" -c \
+    "import interpkernels, torch; print(torch.__version__)" 2>/dev/null); then
+  # A stamp with the peers also serves a run without them.
+  for peers in "$with_peers" 1; do
+    if [ "$(stamp "$installed_torch" "$peers")" = "$(cat "$stamp_file")" ]; then
+      step "interpkernels is up to date in $venv (nothing changed since the last bootstrap)"
+      exit 0
+    fi
+  done
+fi
+rm -f "$stamp_file"
 
 if [ ! -x "$venv/bin/python" ]; then
   step "creating a virtual environment in $venv"
@@ -74,3 +100,4 @@ fi
   || fail "the build failed; the compiler output is above"
 "$venv/bin/python" -c "import interpkernels, json; print(json.dumps(interpkernels.build_info()))" \
   || fail "interpkernels was built but does not import"
+stamp "$("$venv/bin/python" -c 'import torch; print(torch.__version__)')" "$with_peers" > "$stamp_file"
