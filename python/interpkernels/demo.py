@@ -3,10 +3,12 @@ are known, and report how many it recovers.
 
 Activations are sparse combinations of F unit-norm "true features" in d < F
 dimensions (superposition). Features fire independently with probabilities
-spread over two orders of magnitude (a power law, as latent frequencies in
-real SAEs are), with exponentially distributed magnitudes, plus a little
+spread over two orders of magnitude (falling geometrically with rank: a few
+frequent features and a long tail of rare ones, as latent frequencies in
+real SAEs have), with exponentially distributed magnitudes, plus a little
 isotropic noise. A feature counts as recovered when some decoder row has
-cosine similarity above 0.9 with it.
+cosine similarity above 0.9 with it; the demo reports that fraction at
+initialisation and after training.
 
     python -m interpkernels demo               # CPU, defaults: under two minutes
     python -m interpkernels demo --device cuda --d 768 --features 16384 --latents 32768
@@ -141,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", type=int, default=256, help="true features (more than --d: superposition)")
     parser.add_argument("--mean-active", type=float, default=4.0, help="true features active per token, on average")
     parser.add_argument("--latents", type=int, default=512, help="SAE latents M")
-    parser.add_argument("--k", type=int, default=8, help="active latents per token")
+    # A little above the 4 true features active per token on average. At k=8 the
+    # rarest features' best decoder rows ended at cosines of 0.7-0.9 and recovery
+    # at 89%, unmoved by lr, AuxK's window or lr decay (measurements in the README).
+    parser.add_argument("--k", type=int, default=5, help="active latents per token")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-3)
