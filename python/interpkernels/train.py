@@ -164,6 +164,8 @@ def train(
 
     autocast_dtype: e.g. torch.bfloat16 to run the ops under torch.autocast
     (parameters stay float32). sparsity_coefficient weighs a JumpReLUSAE's L0.
+    log_every: steps between the entries of the history. progress: show a
+    :class:`ProgressDisplay` on stderr.
     """
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=lr or default_learning_rate(module.num_latents))
