@@ -166,10 +166,15 @@ struct Selection {
     if (row.candidates == capacity) make_room(r, scratch);
   }
 
-  // Raises the floor to the k-th largest lower bound of the row's keys so far,
-  // drops candidates that cannot reach it, and scores the rest if that freed
-  // too little (many near-ties).
+  // Prunes, then scores the candidates if that freed too little room (many near-ties).
   void make_room(int64_t r, std::vector<Bound<acc_t>>& scratch) const {
+    prune(r, scratch);
+    if (rows[r].candidates > capacity - capacity / 4) score_candidates(r);
+  }
+
+  // Raises the floor to the k-th largest lower bound of the row's keys so far
+  // and drops the candidates that cannot reach it.
+  void prune(int64_t r, std::vector<Bound<acc_t>>& scratch) const {
     RowState<acc_t>& row = rows[r];
     Candidate<acc_t>* buffer = candidates + r * capacity;
     const Key<acc_t>* heap = heaps + r * k;
@@ -186,7 +191,6 @@ struct Selection {
       if (!below(highest_key(row, buffer[c]), row.floor)) buffer[kept++] = buffer[c];
     }
     row.candidates = kept;
-    if (kept > capacity - capacity / 4) score_candidates(r);
   }
 
   // Moves every candidate into the exact top-k by its canonical key.
@@ -227,13 +231,14 @@ void screen_tile(const Selection<scalar_t>& selection, const at::opmath_type<sca
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t* row_pre = pre + r * tile_width;
-      const RowState<acc_t>& row = selection.rows[r];
+      acc_t admit_from = selection.rows[r].admit_from;
       for (int64_t c = 0; c < tile_width; ++c) {
         // The hot loop: most latents stop at this one compare (NaN passes it).
-        if (row_pre[c] < row.admit_from) continue;
+        if (row_pre[c] < admit_from) continue;
         const int64_t latent = first_latent + c;
         if (selection.mask != nullptr && !selection.mask[latent]) continue;
         selection.screen_in(r, latent, row_pre[c], scratch);
+        admit_from = selection.rows[r].admit_from;
       }
     }
   }
@@ -282,7 +287,9 @@ void select_topk(const at::Tensor& centered, const at::Tensor& weight, const at:
   const double overflow = std::numeric_limits<acc_t>::max() / 4;
 
   const int64_t block_rows = std::min(N, kRowTile);
-  const int64_t capacity = k + std::max<int64_t>(k / 2, 32);
+  // Room for about k more candidates than a row keeps: each make_room then
+  // frees about k slots for its O(capacity) work.
+  const int64_t capacity = 2 * k + 64;
   std::vector<Candidate<acc_t>> candidates(block_rows * capacity);
   std::vector<Key<acc_t>> heaps(block_rows * k);
   std::vector<RowState<acc_t>> rows(block_rows);
@@ -328,6 +335,8 @@ void select_topk(const at::Tensor& centered, const at::Tensor& weight, const at:
     }
 #pragma omp parallel for schedule(static) if (worth_parallel(block * k * (d + 16)))
     for (int64_t r = 0; r < block; ++r) {
+      std::vector<Bound<acc_t>> scratch;
+      selection.prune(r, scratch);  // each candidate scored costs a read of its weight row
       selection.score_candidates(r);
       Key<acc_t>* heap = heaps.data() + r * k;
       std::sort(heap, heap + k, ranks_above<acc_t>);
