@@ -139,6 +139,52 @@ def test_screening_never_changes_the_selection(dtype, with_threshold, cpu_isa):
     assert torch.equal(values, all_values[:, :k])
 
 
+def random_encoder_problem(seed: int):
+    """A random topk_encode problem with the special values screening must
+    survive: coarse integer data (ties), huge and tiny scales, NaN weights,
+    -inf biases (AuxK's masking) and +inf ones, inf inputs, masks, thresholds."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(*choices):
+        return choices[int(torch.randint(len(choices), (), generator=generator))]
+
+    def chance(p):
+        return bool(torch.rand((), generator=generator) < p)
+
+    N, d, M, dtype = pick(1, 3, 50), pick(0, 1, 5, 17, 40), pick(1, 7, 300, 2049), pick(torch.float32, torch.float64)
+    k = int(torch.randint(1, min(M, 70) + 1, (), generator=generator))
+    if chance(0.5):
+        x, W, b = (torch.randint(-3, 4, shape, generator=generator).to(dtype) for shape in ((N, d), (M, d), (M,)))
+    else:
+        x, W, b = (torch.randn(shape, generator=generator, dtype=dtype) for shape in ((N, d), (M, d), (M,)))
+    x = x * pick(1.0, 1e-30, 1e30)
+    mask = torch.rand(M, generator=generator) < 0.7 if chance(0.3) else None
+    if mask is not None:
+        mask[:k] = True
+    threshold = (2 * torch.rand(M, generator=generator)).to(dtype) if chance(0.3) else None
+    if d > 0 and chance(0.3):
+        W[int(torch.randint(M, (), generator=generator)), int(torch.randint(d, (), generator=generator))] = float("nan")
+    if chance(0.3):
+        b[int(torch.randint(M, (), generator=generator))] = float("-inf")
+    if chance(0.2):
+        b[int(torch.randint(M, (), generator=generator))] = float("inf")
+    if d > 0 and chance(0.2):
+        x[int(torch.randint(N, (), generator=generator)), int(torch.randint(d, (), generator=generator))] = float("inf")
+    return x, W, b, k, mask, threshold
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_screening_matches_the_exhaustive_ranking_with_special_values(seed):
+    """k = all kept latents scores every latent canonically: the first k of that
+    ranking are the answer, bit for bit, whatever screening ruled out."""
+    x, W, b, k, mask, threshold = random_encoder_problem(seed)
+    kept = W.shape[0] if mask is None else int(mask.sum())
+    values, indices = interpkernels.topk_encode(x, W, b, k, latent_mask=mask, threshold=threshold)
+    all_values, all_indices = interpkernels.topk_encode(x, W, b, kept, latent_mask=mask, threshold=threshold)
+    assert torch.equal(indices, all_indices[:, :k])
+    assert torch.equal(values.view(torch.uint8), all_values[:, :k].contiguous().view(torch.uint8))
+
+
 @pytest.mark.parametrize("backend,device", backends_and_devices())
 def test_nan_ranks_first_and_stays_nan(backend, device):
     """torch.topk's rule on every backend: a NaN pre-activation ranks above every
