@@ -31,8 +31,8 @@
 // Latents with infinite or NaN weights give +-inf or NaN in any order of
 // summation, equally in both arithmetics, so their margin is zero.
 //
-// Extra memory: one GEMM tile (8 MiB), the candidates and the exact top-k of
-// the kRowTile rows in flight, and norms of W_enc's rows.
+// Extra memory: one GEMM tile (8 MiB) and, for the kRowTile rows in flight,
+// their candidates (2k + 64 each) and exact top-k.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -121,6 +121,7 @@ struct Selection {
   Candidate<acc_t>* candidates;  // [kRowTile, capacity]
   Key<acc_t>* heaps;             // [kRowTile, k]: min-heaps under ranks_above (root = worst kept)
   RowState<acc_t>* rows;         // [kRowTile]
+  int64_t first_row = 0;         // of the block in flight
 
   int tier_of(acc_t pre, int64_t latent) const {
     return threshold != nullptr && !(pre > threshold[latent]) ? kBelowThreshold : kRanked;
@@ -214,7 +215,6 @@ struct Selection {
     if (row.selected == k) raise_floor(row, {heap[0].tier, heap[0].value});
   }
 
-  int64_t first_row = 0;
   int64_t row_of_x(int64_t r) const { return first_row + r; }
 };
 
@@ -333,20 +333,24 @@ void select_topk(const at::Tensor& centered, const at::Tensor& weight, const at:
                     weight.narrow(0, first_latent, tile_width).to(acc_type).t());
       screen_tile(selection, pre.const_data_ptr<acc_t>(), block, tile_width, first_latent);
     }
-#pragma omp parallel for schedule(static) if (worth_parallel(block * k * (d + 16)))
-    for (int64_t r = 0; r < block; ++r) {
+#pragma omp parallel if (worth_parallel(block * k * (d + 16)))
+    {
       std::vector<Bound<acc_t>> scratch;
-      selection.prune(r, scratch);  // each candidate scored costs a read of its weight row
-      selection.score_candidates(r);
-      Key<acc_t>* heap = heaps.data() + r * k;
-      std::sort(heap, heap + k, ranks_above<acc_t>);
-      scalar_t* row_values = values.mutable_data_ptr<scalar_t>() + (first_row + r) * k;
-      int64_t* row_indices = indices.mutable_data_ptr<int64_t>() + (first_row + r) * k;
-      for (int64_t j = 0; j < k; ++j) {
-        const acc_t value = heap[j].tier == kNaN ? std::numeric_limits<acc_t>::quiet_NaN()
-                                                 : (heap[j].value > 0 ? heap[j].value : acc_t(0));
-        row_values[j] = static_cast<scalar_t>(value);
-        row_indices[j] = heap[j].latent;
+      scratch.reserve(capacity + k);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < block; ++r) {
+        selection.prune(r, scratch);  // each candidate scored costs a read of its weight row
+        selection.score_candidates(r);
+        Key<acc_t>* heap = heaps.data() + r * k;
+        std::sort(heap, heap + k, ranks_above<acc_t>);
+        scalar_t* row_values = values.mutable_data_ptr<scalar_t>() + (first_row + r) * k;
+        int64_t* row_indices = indices.mutable_data_ptr<int64_t>() + (first_row + r) * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const acc_t value = heap[j].tier == kNaN ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                   : (heap[j].value > 0 ? heap[j].value : acc_t(0));
+          row_values[j] = static_cast<scalar_t>(value);
+          row_indices[j] = heap[j].latent;
+        }
       }
     }
   }
