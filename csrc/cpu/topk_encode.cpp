@@ -153,7 +153,8 @@ struct Selection {
       row.admit_from = std::numeric_limits<acc_t>::infinity();
     } else if (floor.tier == kRanked) {
       const acc_t from = floor.value - row.error;
-      // Rounded down, so that the prefilter never rejects what admits() keeps.
+      // Rounded down, so that the prefilter never rejects a latent whose
+      // highest_key still reaches the floor.
       row.admit_from = std::nextafter(from, -std::numeric_limits<acc_t>::infinity());
     }
   }
