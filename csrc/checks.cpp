@@ -1,6 +1,51 @@
 #include "checks.h"
 
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
 namespace interpkernels {
+
+namespace {
+
+enum class IndexCheck { Auto, Sync, Async };
+constexpr const char* kIndexCheckNames[] = {"auto", "sync", "async"};
+
+IndexCheck parse_index_check(const std::string& name) {
+  for (int mode = 0; mode < 3; ++mode) {
+    if (name == kIndexCheckNames[mode]) return static_cast<IndexCheck>(mode);
+  }
+  throw std::invalid_argument("INTERPKERNELS_INDEX_CHECK / set_index_check: expected 'auto', 'sync' or 'async', got '" +
+                              name + "'");
+}
+
+// Read from INTERPKERNELS_INDEX_CHECK on first use, so that a bad value raises
+// from the import (interpkernels/__init__.py asks for the mode once).
+std::atomic<IndexCheck>& index_check_mode() {
+  static std::atomic<IndexCheck> mode{[] {
+    const char* requested = std::getenv("INTERPKERNELS_INDEX_CHECK");
+    return requested == nullptr ? IndexCheck::Auto : parse_index_check(requested);
+  }()};
+  return mode;
+}
+
+// Whether a data-dependent check reads its result on the host: always in
+// "sync" mode, and in "auto" mode for every device but CUDA, where reading
+// would stall the stream and break CUDA-graph capture.
+bool check_syncs(const at::Tensor& tensor) {
+  const IndexCheck mode = index_check_mode().load();
+  return mode == IndexCheck::Sync || (mode == IndexCheck::Auto && !tensor.is_cuda());
+}
+
+constexpr const char* kAsyncCheckHint =
+    " (a device-side check, which does not say more; INTERPKERNELS_INDEX_CHECK=sync or "
+    "interpkernels.set_index_check('sync') names the offending values)";
+
+}  // namespace
+
+std::string index_check() { return kIndexCheckNames[static_cast<int>(index_check_mode().load())]; }
+
+void set_index_check(const std::string& mode) { index_check_mode().store(parse_index_check(mode)); }
 
 void check_sparse_code(const at::Tensor& values, const at::Tensor& indices) {
   TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
@@ -17,6 +62,12 @@ void check_same_dtype(const at::Tensor& reference, const at::Tensor& other, cons
 void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, const char* argument) {
   if (indices.numel() == 0) return;
   const auto [lowest, highest] = at::aminmax(indices);
+  if (!check_syncs(indices)) {
+    at::_assert_async(at::logical_and(lowest >= 0, highest < num_latents),
+                      std::string(argument) + ": expected every index in [0, " + std::to_string(num_latents) + ")" +
+                          kAsyncCheckHint);
+    return;
+  }
   const at::Tensor bounds = at::stack({lowest, highest}).cpu();  // both bounds in one copy
   const int64_t* bound = bounds.const_data_ptr<int64_t>();
   TORCH_CHECK_INDEX(bound[0] >= 0 && bound[1] < num_latents, argument, ": expected every index in [0, ",
@@ -51,8 +102,13 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const 
                      "latent_mask: expected a bool tensor of shape [", M, "], got ", latent_mask->scalar_type(), " ",
                      latent_mask->sizes());
     check_on_device(*latent_mask, x.device(), "latent_mask");
-    const int64_t kept = latent_mask->sum().item<int64_t>();
-    TORCH_CHECK_VALUE(k <= kept, "k: expected at most the ", kept, " latents latent_mask keeps in, got ", k);
+    if (!check_syncs(*latent_mask)) {
+      at::_assert_async(latent_mask->sum() >= k, "k: expected at most as many latents as latent_mask keeps in, got " +
+                                                     std::to_string(k) + kAsyncCheckHint);
+    } else {
+      const int64_t kept = latent_mask->sum().item<int64_t>();
+      TORCH_CHECK_VALUE(k <= kept, "k: expected at most the ", kept, " latents latent_mask keeps in, got ", k);
+    }
   }
   if (threshold.has_value()) {
     TORCH_CHECK_VALUE(threshold->dim() == 1 && threshold->size(0) == M, "threshold: expected shape [", M, "], got ",

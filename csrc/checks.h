@@ -7,8 +7,20 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace interpkernels {
+
+// How the data-dependent checks (index range, latent_mask's count) run:
+//   "sync"   read the result on the host and raise a precise error before any
+//            kernel runs (one host sync per check);
+//   "async"  a device-side assertion (torch._assert_async): no host sync, so
+//            CUDA graphs capture it, but the error surfaces at the next sync
+//            and says less;
+//   "auto"   (default) "async" on CUDA tensors, "sync" elsewhere.
+// Initially INTERPKERNELS_INDEX_CHECK; std::invalid_argument for other names.
+std::string index_check();
+void set_index_check(const std::string& mode);
 
 // values [N, k] and int64 indices of the same shape.
 void check_sparse_code(const at::Tensor& values, const at::Tensor& indices);
@@ -17,8 +29,8 @@ void check_same_dtype(const at::Tensor& reference, const at::Tensor& other, cons
 
 void check_on_device(const at::Tensor& tensor, const at::Device& device, const char* argument);
 
-// IndexError naming `argument` unless every index lies in [0, num_latents).
-// One min/max reduction; on CUDA one host sync per op, not per element.
+// IndexError naming `argument` unless every index lies in [0, num_latents):
+// one min/max reduction, then a host read or a device-side assertion (index_check).
 void check_indices_in_range(const at::Tensor& indices, int64_t num_latents, const char* argument);
 
 // Every check of each sparse product's arguments (shapes, dtypes, devices,
@@ -27,7 +39,7 @@ void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indice
                               const std::optional<at::Tensor>& bias);
 void check_gathered_dot_args(const at::Tensor& dense, const at::Tensor& indices, const at::Tensor& W);
 // topk_encode's arguments, and that latent_mask (if any) keeps at least k
-// latents: one count, a host sync on CUDA.
+// latents: one count, checked as index_check says.
 void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, int64_t k,
                             const std::optional<at::Tensor>& pre_bias, const std::optional<at::Tensor>& latent_mask,
                             const std::optional<at::Tensor>& threshold);

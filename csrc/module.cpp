@@ -1,13 +1,15 @@
 // `import interpkernels._C` loads this shared library, which runs the static
 // TORCH_LIBRARY registrations in ops.cpp and the per-device kernel files.
-// Ops are reached via torch.ops; the module itself exposes only the choice of
-// CPU instruction-set level of the CPU kernels (cpu/vector_math.h).
+// Ops are reached via torch.ops; the module itself exposes only two settings:
+// the instruction-set level of the CPU kernels (cpu/vector_math.h) and how the
+// data-dependent argument checks run (checks.h).
 #include <Python.h>
 
 #include <exception>
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/vector_math.h"
 
 namespace {
@@ -51,10 +53,33 @@ PyObject* set_cpu_isa(PyObject*, PyObject* isa) {
   Py_RETURN_NONE;
 }
 
+PyObject* index_check(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(interpkernels::index_check().c_str());
+  } catch (const std::exception& error) {
+    return raise_value_error(error);
+  }
+}
+
+PyObject* set_index_check(PyObject*, PyObject* mode) {
+  const char* name = PyUnicode_AsUTF8(mode);
+  if (name == nullptr) return nullptr;
+  try {
+    interpkernels::set_index_check(name);
+  } catch (const std::exception& error) {
+    return raise_value_error(error);
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The x86-64 level the CPU kernels run: 'avx512', 'avx2' or 'baseline'."},
     {"supported_cpu_isas", supported_cpu_isas, METH_NOARGS, "The levels this CPU runs, widest first."},
     {"set_cpu_isa", set_cpu_isa, METH_O, "Run the CPU kernels at this level from now on."},
+    {"index_check", index_check, METH_NOARGS,
+     "How index-range and latent_mask checks run: 'auto' (device-side on CUDA, on the host elsewhere), 'sync' "
+     "(on the host: precise errors, one host sync per check) or 'async' (device-side assertions, no host sync)."},
+    {"set_index_check", set_index_check, METH_O, "Run the index checks this way from now on (see index_check)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -1,12 +1,9 @@
 """The CPU kernels' instruction-set levels: chosen by INTERPKERNELS_CPU_ISA or
 set_cpu_isa, and bit for bit the same results at every level."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from processes import run_python
 
 import interpkernels
 
@@ -72,11 +69,6 @@ def test_topk_encode_is_bitwise_equal_at_every_level(d, dtype):
         *interpkernels.topk_encode(x, W, b, k, threshold=threshold),
     ))
     assert_bitwise_equal_across_isas(results)
-
-
-def run_python(code: str, **environment: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **environment}, timeout=120)
 
 
 def test_environment_variable_selects_the_level_at_import():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from interpkernels import _C  # noqa: F401  (registers the ops with the dispatcher)
-from interpkernels._C import cpu_isa, set_cpu_isa, supported_cpu_isas
+from interpkernels._C import cpu_isa, index_check, set_cpu_isa, set_index_check, supported_cpu_isas
 from interpkernels import reference
 from interpkernels._backends import triton_usable
 from interpkernels._build_info import build_info as _compiled_build_info
@@ -21,7 +21,9 @@ from interpkernels.ops import batch_topk_encode, jumprelu_encode, multi_target_d
 
 __version__ = "0.1.0"
 
-cpu_isa()  # a bad INTERPKERNELS_CPU_ISA fails the import with a ValueError naming the choices
+# A bad INTERPKERNELS_CPU_ISA or INTERPKERNELS_INDEX_CHECK fails the import with a ValueError naming the choices.
+cpu_isa()
+index_check()
 
 
 def build_info() -> dict:
@@ -33,12 +35,13 @@ def build_info() -> dict:
     TRITON_INTERPRET=1), cuda_compiled, cuda_archs, openmp_version,
     openmp_max_threads, cpu_isa (the instruction-set level the CPU kernels
     run: INTERPKERNELS_CPU_ISA or set_cpu_isa, else the widest supported) and
-    cpu_isas_supported.
+    cpu_isas_supported, index_check (interpkernels.set_index_check).
     """
     info = dict(_compiled_build_info())
     info["torch_running"] = torch.__version__
     info["cpu_isa"] = cpu_isa()
     info["cpu_isas_supported"] = supported_cpu_isas()
+    info["index_check"] = index_check()
     backends = ["cpu"]
     if info["cuda_compiled"] and torch.cuda.is_available():
         backends.append("cuda")
@@ -52,10 +55,12 @@ __all__ = [
     "batch_topk_encode",
     "build_info",
     "cpu_isa",
+    "index_check",
     "jumprelu_encode",
     "multi_target_decode",
     "reference",
     "set_cpu_isa",
+    "set_index_check",
     "sparse_decode",
     "supported_cpu_isas",
     "topk_encode",

@@ -3,10 +3,12 @@
 Every check runs on shapes, dtypes and devices only, before any kernel
 launches, and raises an error that names the argument, what was expected and
 what came: ``indices: expected int64 or int32 tensor of shape [N, k] on cpu,
-got float32 [8, 3] on cpu``. Checks that read tensor data (index ranges) live
-inside the ops, where torch.compile can trace around them; the one exception,
-:func:`require_indices_in_range`, is for ``backend="torch"``, which reaches no
-op.
+got float32 [8, 3] on cpu``. Checks that read tensor data (index ranges,
+latent_mask's count) live inside the ops, where torch.compile can trace around
+them; the exceptions, :func:`require_indices_in_range` and
+:func:`require_mask_keeps`, serve ``backend="torch"`` (which reaches no C++
+op) and the Triton ops, and run as ``interpkernels.index_check()`` says: on the
+host, or as a device-side assertion that needs no host sync.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from interpkernels import _C
 
 FLOAT_DTYPES_ANY_DEVICE = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -98,15 +102,44 @@ def require_indices(name: str, indices: object, values: torch.Tensor) -> torch.T
     return indices.long()
 
 
+def _check_syncs(device: torch.device) -> bool:
+    """Whether data-dependent checks read their result on the host (interpkernels.index_check)."""
+    mode = _C.index_check()
+    return mode == "sync" or (mode == "auto" and device.type != "cuda")
+
+
+_ASYNC_CHECK_HINT = ("(a device-side check, which does not say more; INTERPKERNELS_INDEX_CHECK=sync or "
+                     "interpkernels.set_index_check('sync') names the offending values)")
+
+
 def require_indices_in_range(name: str, indices: torch.Tensor, num_latents: int) -> None:
     """IndexError unless every index lies in [0, num_latents): the kernels' own
-    check (csrc/checks.cpp), one min/max and one host sync. Skipped while
-    torch.compile traces, where reading a value would break the graph."""
+    check (csrc/checks.cpp), one min/max, then a host read or a device-side
+    assertion as interpkernels.index_check says. Skipped while torch.compile
+    traces, where reading a value would break the graph."""
     if indices.numel() == 0 or torch.compiler.is_compiling():
         return
-    lowest, highest = torch.stack(torch.aminmax(indices)).tolist()  # both bounds in one copy
+    lowest, highest = torch.aminmax(indices)
+    if not _check_syncs(indices.device):
+        torch._assert_async((lowest >= 0) & (highest < num_latents),
+                            f"{name}: expected every index in [0, {num_latents}) {_ASYNC_CHECK_HINT}")
+        return
+    lowest, highest = torch.stack((lowest, highest)).tolist()  # both bounds in one copy
     if lowest < 0 or highest >= num_latents:
         raise IndexError(f"{name}: expected every index in [0, {num_latents}), got values from {lowest} to {highest}")
+
+
+def require_mask_keeps(k: int, latent_mask: torch.Tensor) -> None:
+    """ValueError unless latent_mask keeps at least k latents (checked as index_check says)."""
+    if torch.compiler.is_compiling():
+        return
+    if not _check_syncs(latent_mask.device):
+        torch._assert_async(latent_mask.sum() >= k,
+                            f"k: expected at most as many latents as latent_mask keeps in, got {k} {_ASYNC_CHECK_HINT}")
+        return
+    kept = int(latent_mask.sum())
+    if k > kept:
+        raise ValueError(f"k: expected at most the {kept} latents latent_mask keeps in, got {k}")
 
 
 def require_rows(name: str, tensor: torch.Tensor) -> None:

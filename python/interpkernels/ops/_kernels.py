@@ -50,9 +50,7 @@ def _check_triton_dtype(tensor: torch.Tensor) -> None:
 def _topk_encode_triton(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold):
     _check_triton_dtype(x)
     if latent_mask is not None:
-        kept = int(latent_mask.sum())
-        if k > kept:
-            raise ValueError(f"k: expected at most the {kept} latents latent_mask keeps in, got {k}")
+        v.require_mask_keeps(k, latent_mask)
     return _triton_kernels().topk_encode(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold)
 
 
