@@ -13,6 +13,9 @@ os.environ.setdefault(
 # @triton.jit and interpkernels' backend table read this once, so it is set first.
 if TRITON_DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+# Every op's outputs start as NaN (or the lowest int64), so an element a kernel
+# fails to write fails the test comparing it (csrc/outputs.h).
+os.environ["INTERPKERNELS_POISON_OUTPUTS"] = "1"
 
 import interpkernels  # noqa: E402,F401  (registers the ops)
 

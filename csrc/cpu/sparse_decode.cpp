@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "outputs.h"
 #include "cpu/latent_grouping.h"
 #include "cpu/parallel.h"
 #include "cpu/vector_math.h"
@@ -80,7 +81,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
   const at::Tensor values_c = values.contiguous(), indices_c = indices.contiguous(), weight = W_dec.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({N, d}, W_dec.options());
+  at::Tensor out = new_output({N, d}, W_dec.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W_dec.scalar_type(), "sparse_decode_cpu", [&] {
     sparse_decode_rows<scalar_t>(values_c.data_ptr<scalar_t>(), indices_c.data_ptr<int64_t>(),
                                  weight.data_ptr<scalar_t>(), bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr,
@@ -93,7 +94,7 @@ at::Tensor gathered_dot_cpu(const at::Tensor& dense, const at::Tensor& indices, 
   check_gathered_dot_args(dense, indices, W);
   const int64_t N = indices.size(0), k = indices.size(1), d = W.size(1);
   const at::Tensor dense_c = dense.contiguous(), indices_c = indices.contiguous(), weight = W.contiguous();
-  at::Tensor out = at::empty({N, k}, dense.options());
+  at::Tensor out = new_output({N, k}, dense.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "gathered_dot_cpu", [&] {
     gathered_dot_rows<scalar_t>(dense_c.data_ptr<scalar_t>(), indices_c.data_ptr<int64_t>(),
                                 weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, k, d);
@@ -107,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor&
   const int64_t k = values.size(1), d = dense.size(1);
   const LatentGroups groups = group_by_latent(indices, num_latents);
   const at::Tensor values_c = values.contiguous(), dense_c = dense.contiguous();
-  at::Tensor rows = at::empty({num_latents, d}, dense.options());
-  at::Tensor value_sums = at::empty({num_latents}, values.options());
+  at::Tensor rows = new_output({num_latents, d}, dense.options());
+  at::Tensor value_sums = new_output({num_latents}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "sparse_transpose_matmul_cpu", [&] {
     sparse_transpose_matmul_rows<scalar_t>(values_c.data_ptr<scalar_t>(), dense_c.data_ptr<scalar_t>(), groups, k, d,
                                            num_latents, rows.data_ptr<scalar_t>(), value_sums.data_ptr<scalar_t>());

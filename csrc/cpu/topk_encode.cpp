@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "outputs.h"
 #include "cpu/parallel.h"
 #include "cpu/vector_math.h"
 
@@ -364,8 +365,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& threshold) {
   check_topk_encode_args(x, W_enc, b_enc, k, pre_bias, latent_mask, threshold);
   const int64_t N = x.size(0);
-  at::Tensor values = at::empty({N, k}, x.options());
-  at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
+  at::Tensor values = new_output({N, k}, x.options());
+  at::Tensor indices = new_output({N, k}, x.options().dtype(at::kLong));
   if (N == 0) return {values, indices};
 
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "outputs.h"
 #include "cuda/glue.h"
 #include "cuda/sparse_decode_kernels.cuh"
 
@@ -29,7 +30,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indice
   check_sparse_decode_args(values, indices, W_dec, bias);
   const int64_t N = values.size(0), k = values.size(1), d = W_dec.size(1);
 
-  at::Tensor out = at::empty({N, d}, W_dec.options());
+  at::Tensor out = new_output({N, d}, W_dec.options());
   if (out.numel() == 0) return out;
   const at::Tensor values_c = values.contiguous(), indices_c = indices.contiguous(), weight = W_dec.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -50,7 +51,7 @@ at::Tensor gathered_dot_cuda(const at::Tensor& dense, const at::Tensor& indices,
   check_gathered_dot_args(dense, indices, W);
   const int64_t N = indices.size(0), k = indices.size(1), d = W.size(1);
 
-  at::Tensor out = at::empty({N, k}, dense.options());
+  at::Tensor out = new_output({N, k}, dense.options());
   if (out.numel() == 0) return out;
   const at::Tensor dense_c = dense.contiguous(), indices_c = indices.contiguous(), weight = W.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -92,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor
                                                &workspace_bytes, stream),
                "group_by_latent");
 
-  at::Tensor rows = at::empty({num_latents, d}, dense.options());
-  at::Tensor value_sums = at::empty({num_latents}, values.options());
+  at::Tensor rows = new_output({num_latents, d}, dense.options());
+  at::Tensor value_sums = new_output({num_latents}, values.options());
   dispatch_float_type(dense.scalar_type(), "sparse_transpose_matmul", [&](auto element) {
     using scalar_t = decltype(element);
     check_launch(kernels::launch_sparse_transpose_matmul<scalar_t>(

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "outputs.h"
 #include "cuda/glue.h"
 #include "cuda/topk_encode_kernels.cuh"
 
@@ -45,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const a
   const at::Tensor mask = latent_mask.has_value() ? latent_mask->contiguous() : at::Tensor();
   const at::Tensor theta = threshold.has_value() ? threshold->to(at::kFloat).contiguous() : at::Tensor();
 
-  at::Tensor values = at::empty({N, k}, x.options());
-  at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
+  at::Tensor values = new_output({N, k}, x.options());
+  at::Tensor indices = new_output({N, k}, x.options().dtype(at::kLong));
   if (N == 0) return {values, indices};
 
   // pre is float32 whatever the input dtype, so the selection ranks unrounded

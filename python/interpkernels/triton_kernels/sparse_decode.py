@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from interpkernels._outputs import new_output
+
 
 @triton.jit
 def _sparse_decode_kernel(
@@ -111,7 +113,7 @@ def sparse_decode(
     One program per (row, d-tile of `block_d` columns), gathering `block_k` rows of W at a time."""
     N, k = values.shape
     d = W.shape[1]
-    out = torch.empty(N, d, dtype=W.dtype, device=W.device)
+    out = new_output(N, d, dtype=W.dtype, device=W.device)
     if out.numel() == 0:
         return out
     block_k = block_k or min(16, triton.next_power_of_2(max(k, 1)))
@@ -134,7 +136,7 @@ def gathered_dot(
     One program per (row, k-tile of `block_k` entries), walking d in `block_d` columns."""
     N, k = indices.shape
     d = dense.shape[1]
-    out = torch.empty(N, k, dtype=dense.dtype, device=dense.device)
+    out = new_output(N, k, dtype=dense.dtype, device=dense.device)
     if out.numel() == 0:
         return out
     block_k = block_k or min(32, triton.next_power_of_2(k))
@@ -178,8 +180,8 @@ def sparse_transpose_matmul(
     results are bitwise identical run to run."""
     k, d = values.shape[1], dense.shape[1]
     offsets, entry_order = groups if groups is not None else group_by_latent(indices, num_latents)
-    rows = torch.empty(num_latents, d, dtype=dense.dtype, device=dense.device)
-    value_sums = torch.empty(num_latents, dtype=values.dtype, device=values.device)
+    rows = new_output(num_latents, d, dtype=dense.dtype, device=dense.device)
+    value_sums = new_output(num_latents, dtype=values.dtype, device=values.device)
     if num_latents == 0:
         return rows, value_sums
     block_d = block_d or min(256, triton.next_power_of_2(max(d, 1)))

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from interpkernels._outputs import new_output
+
 # Below every key of a real latent: fills empty slots and masked-out latents.
 _MIN_KEY = tl.constexpr(-(2**63))
 # Above every key: padding slots k..K_PAD-1 of the running set, never its minimum.
@@ -181,8 +183,8 @@ def topk_encode(
     programs (default: enough to fill the GPU), and the launch's `num_warps` / `num_stages`."""
     N, d = x.shape
     M = W_enc.shape[0]
-    values = torch.empty(N, k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(N, k, dtype=torch.int64, device=x.device)
+    values = new_output(N, k, dtype=x.dtype, device=x.device)
+    indices = new_output(N, k, dtype=torch.int64, device=x.device)
     if N == 0:
         return values, indices
     k_pad = triton.next_power_of_2(k)
