@@ -1,9 +1,10 @@
+import contextlib
 import os
 import pathlib
 
 import pytest
 import torch
-from devices import TRITON_DEVICE
+from devices import TRITON_DEVICE, op_targets
 
 # A stable inductor cache makes the torch.compile tests ~3x faster on re-runs.
 os.environ.setdefault(
@@ -62,11 +63,29 @@ def triton_as_on_gpu():
         yield TRITON_DEVICE
 
 
+@contextlib.contextmanager
+def cpu_kernels_at(isa: str | None):
+    """The C++ CPU kernels at this instruction-set level meanwhile (None: unchanged)."""
+    previous = interpkernels.cpu_isa()
+    if isa is not None:
+        interpkernels.set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        interpkernels.set_cpu_isa(previous)
+
+
 @pytest.fixture(params=interpkernels.supported_cpu_isas())
 def cpu_isa(request):
     """Runs a test once per instruction-set level this CPU has (AVX-512, AVX2,
     baseline): every level must give the same results, and CI machines differ."""
-    previous = interpkernels.cpu_isa()
-    interpkernels.set_cpu_isa(request.param)
-    yield request.param
-    interpkernels.set_cpu_isa(previous)
+    with cpu_kernels_at(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=op_targets(), ids=str)
+def target(request):
+    """Runs an op test on every (device, backend) here (devices.op_targets),
+    the CPU kernels once per instruction-set level."""
+    with cpu_kernels_at(request.param.cpu_isa):
+        yield request.param

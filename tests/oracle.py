@@ -7,7 +7,8 @@ ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def max_error(actual: torch.Tensor, oracle: torch.Tensor) -> float:
-    return (actual.double() - oracle.double()).abs().max().item() if oracle.numel() else 0.0
+    """Largest absolute difference, on the oracle's device (oracles are computed on the CPU)."""
+    return (actual.double().to(oracle.device) - oracle.double()).abs().max().item() if oracle.numel() else 0.0
 
 
 def assert_matches_oracle(actual: torch.Tensor, oracle: torch.Tensor, torch_same_dtype: torch.Tensor | None = None):

@@ -1,5 +1,7 @@
 """sparse_decode and its gradient products against the dense reference (docs/OPS.md)."""
 
+import functools
+
 import pytest
 import torch
 from devices import TRITON_DEVICE
@@ -42,13 +44,15 @@ def decode_grads(fn, values, indices, W_dec, bias, grad_out):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("leading,k,M,d", SHAPES)
-def test_values_and_gradients_match_reference(leading, k, M, d, dtype, cpu_isa):
+def test_values_and_gradients_match_reference(leading, k, M, d, dtype, target):
+    target.skip_unless_runs(dtype)
     values, indices = make_code(leading, k, M, dtype)
     W_dec = torch.randn(M, d, dtype=dtype)
     bias = torch.randn(d, dtype=dtype)
     grad_out = torch.randn(*leading, d, dtype=dtype)
 
-    ours = decode_grads(interpkernels.sparse_decode, values, indices, W_dec, bias, grad_out)
+    ours = decode_grads(functools.partial(interpkernels.sparse_decode, backend=target.backend),
+                        *target.put(values, indices, W_dec, bias, grad_out))
     oracle = decode_grads(
         reference.sparse_decode, *(t.double() for t in (values,)), indices, W_dec.double(), bias.double(),
         grad_out.double(),
@@ -71,17 +75,18 @@ def test_repeated_indices_add_up():
     )
 
 
-def test_non_contiguous_inputs_and_int32_indices(cpu_isa):
+def test_non_contiguous_inputs_and_int32_indices(target):
     M, d = 97, 24
-    values_wide, indices_wide = make_code((30,), 10, M, torch.float32)
+    values_wide, indices_wide = target.put(*make_code((30,), 10, M, torch.float32))
     values, indices = values_wide[:, ::2], indices_wide.int()[:, ::2]  # strided views
-    W_dec = torch.randn(d, M).T  # a transposed weight, as dictionary_learning stores it
-    bias = torch.randn(2 * d)[::2]
+    W_dec = target.put(torch.randn(d, M)).T  # a transposed weight, as dictionary_learning stores it
+    bias = target.put(torch.randn(2 * d))[::2]
     assert not (values.is_contiguous() or indices.is_contiguous() or W_dec.is_contiguous() or bias.is_contiguous())
-    grad_out = torch.randn(30, d)
-    ours = decode_grads(interpkernels.sparse_decode, values, indices, W_dec, bias, grad_out)
-    oracle = decode_grads(reference.sparse_decode, values.double(), indices.long(), W_dec.double(), bias.double(),
-                          grad_out.double())
+    grad_out = target.put(torch.randn(30, d))
+    ours = decode_grads(functools.partial(interpkernels.sparse_decode, backend=target.backend),
+                        values, indices, W_dec, bias, grad_out)
+    oracle = decode_grads(reference.sparse_decode, *(t.cpu() for t in (values.double(), indices.long(), W_dec.double(),
+                                                                        bias.double(), grad_out.double())))
     for got, want in zip(ours, oracle):
         assert_matches_oracle(got, want)
 
@@ -168,8 +173,20 @@ def opcheck_samples():
 
 
 @pytest.mark.parametrize("op,args", list(opcheck_samples()), ids=lambda x: getattr(x, "__name__", ""))
-def test_opcheck(op, args):
-    torch.library.opcheck(op, args)
+def test_opcheck(op, args, target):
+    torch.library.opcheck(target.op(op.name().split("::")[1]), target.put_args(args))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_bitwise_deterministic_run_to_run(dtype, target):
+    """Repeated latents make the weight gradient a reduction with many terms per row."""
+    values, indices = make_code((700,), 24, 50, dtype, unique=False)
+    inputs = target.put(values, indices, torch.randn(50, 70, dtype=dtype), torch.randn(70, dtype=dtype),
+                        torch.randn(700, 70, dtype=dtype))
+    decode = functools.partial(interpkernels.sparse_decode, backend=target.backend)
+    runs = [decode_grads(decode, *inputs) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
 
 
 def test_autocast_runs_in_the_autocast_dtype():

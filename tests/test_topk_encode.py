@@ -40,21 +40,23 @@ def encode_grads(encode, x, W_enc, b_enc, pre_bias, grad_values):
 
 @pytest.mark.parametrize("leading,d,M,k", SHAPES)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-def test_matches_reference_exactly_in_selection(leading, d, M, k, dtype, cpu_isa):
+def test_matches_reference_exactly_in_selection(leading, d, M, k, dtype, target):
+    target.skip_unless_runs(dtype)
     x = torch.randn(*leading, d, dtype=dtype)
     W_enc, b_enc, pre_bias = make_encoder(d, M, dtype)
     grad_values = torch.randn(*leading, k, dtype=dtype)
 
-    values, indices = interpkernels.topk_encode(x, W_enc, b_enc, k, pre_bias=pre_bias)
+    values, indices = interpkernels.topk_encode(*target.put(x, W_enc, b_enc), k, pre_bias=target.put(pre_bias),
+                                                backend=target.backend)
     want_values, want_indices = reference.topk_encode(
         x.double(), W_enc.double(), b_enc.double(), k, pre_bias=pre_bias.double()
     )
     assert indices.dtype == torch.int64 and values.dtype == dtype
-    assert torch.equal(indices, want_indices)
+    assert torch.equal(indices.cpu(), want_indices)
     assert_matches_oracle(values, want_values)
 
-    ours = encode_grads(lambda *a: interpkernels.topk_encode(*a[:3], k, pre_bias=a[3])[0],
-                        x, W_enc, b_enc, pre_bias, grad_values)
+    ours = encode_grads(lambda *a: interpkernels.topk_encode(*a[:3], k, pre_bias=a[3], backend=target.backend)[0],
+                        *target.put(x, W_enc, b_enc, pre_bias, grad_values))
     oracle = encode_grads(lambda *a: reference.topk_encode(*a[:3], k, pre_bias=a[3])[0],
                           *(t.double() for t in (x, W_enc, b_enc, pre_bias, grad_values)))
     for got, want in zip(ours, oracle):
@@ -63,7 +65,7 @@ def test_matches_reference_exactly_in_selection(leading, d, M, k, dtype, cpu_isa
 
 @pytest.mark.parametrize("leading,d,M,k", SHAPES[1:5])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_low_precision_within_twice_torch_error(leading, d, M, k, dtype, cpu_isa):
+def test_low_precision_within_twice_torch_error(leading, d, M, k, dtype, target):
     """In bf16/fp16, near-ties may legitimately rank differently than in
     float64, so the selection is checked for validity (its float64
     pre-activations are the true top-k up to twice torch's own error) and
@@ -71,7 +73,9 @@ def test_low_precision_within_twice_torch_error(leading, d, M, k, dtype, cpu_isa
     x = torch.randn(*leading, d, dtype=dtype)
     W_enc, b_enc, pre_bias = make_encoder(d, M, dtype)
     grad_values = torch.randn(*leading, k, dtype=dtype)
-    values, indices = interpkernels.topk_encode(x, W_enc, b_enc, k, pre_bias=pre_bias)
+    values, indices = interpkernels.topk_encode(*target.put(x, W_enc, b_enc), k, pre_bias=target.put(pre_bias),
+                                                backend=target.backend)
+    indices = indices.cpu()
 
     params64 = [t.double() for t in (x, W_enc, b_enc, pre_bias)]
     pre64 = reference.pre_activations(*params64[:3], params64[3])
@@ -83,8 +87,8 @@ def test_low_precision_within_twice_torch_error(leading, d, M, k, dtype, cpu_isa
     def at_selection(*a):
         return reference.encode_at(*a[:3], indices, pre_bias=a[3])
 
-    ours = encode_grads(lambda *a: interpkernels.topk_encode(*a[:3], k, pre_bias=a[3])[0],
-                        x, W_enc, b_enc, pre_bias, grad_values)
+    ours = encode_grads(lambda *a: interpkernels.topk_encode(*a[:3], k, pre_bias=a[3], backend=target.backend)[0],
+                        *target.put(x, W_enc, b_enc, pre_bias, grad_values))
     oracle = encode_grads(at_selection, *params64, grad_values.double())
     torch_same_dtype = encode_grads(at_selection, x, W_enc, b_enc, pre_bias, grad_values)
     for got, want, torch_result in zip(ours, oracle, torch_same_dtype):
@@ -92,20 +96,20 @@ def test_low_precision_within_twice_torch_error(leading, d, M, k, dtype, cpu_isa
         assert_matches_oracle(got, want, torch_result)
 
 
-def test_ties_go_to_the_lower_latent_index(cpu_isa):
+def test_ties_go_to_the_lower_latent_index(target):
     d, M = 6, 40
     W_enc = torch.randn(1, d).expand(M, d).contiguous()  # every latent identical
     b_enc = torch.full((M,), 0.25)
     x = torch.randn(9, d)
-    values, indices = interpkernels.topk_encode(x, W_enc, b_enc, 5)
-    assert torch.equal(indices, torch.arange(5).expand(9, 5))
+    values, indices = interpkernels.topk_encode(*target.put(x, W_enc, b_enc), 5, backend=target.backend)
+    assert torch.equal(indices.cpu(), torch.arange(5).expand(9, 5))
     # A tie across the latent tile boundary (2048) as well.
     W_wide = torch.randn(1, d).expand(4100, d).contiguous()
-    _, indices = interpkernels.topk_encode(x, W_wide, torch.zeros(4100), 3)
-    assert torch.equal(indices, torch.arange(3).expand(9, 3))
+    _, indices = interpkernels.topk_encode(*target.put(x, W_wide, torch.zeros(4100)), 3, backend=target.backend)
+    assert torch.equal(indices.cpu(), torch.arange(3).expand(9, 3))
 
 
-def test_ties_break_to_the_lower_latent_wherever_the_latents_sit(cpu_isa):
+def test_ties_break_to_the_lower_latent_wherever_the_latents_sit(target):
     """Copies of one latent among random others, in both GEMM tiles (2048
     latents each) and in the last, partial one: each copy's pre-activation must
     be the same bits, so the lowest copies win, whatever the CPU."""
@@ -115,8 +119,8 @@ def test_ties_break_to_the_lower_latent_wherever_the_latents_sit(cpu_isa):
     copies = torch.tensor([4098, 5, 2047, 4096, 2048, 4097])
     W_enc[copies] = torch.randn(d)
     b_enc[copies] = 10.0  # above every other latent
-    values, indices = interpkernels.topk_encode(x, W_enc, b_enc, 4)
-    assert torch.equal(indices, torch.tensor([5, 2047, 2048, 4096]).expand(9, 4))
+    values, indices = interpkernels.topk_encode(*target.put(x, W_enc, b_enc), 4, backend=target.backend)
+    assert torch.equal(indices.cpu(), torch.tensor([5, 2047, 2048, 4096]).expand(9, 4))
     assert torch.equal(values, values[:, :1].expand(9, 4))
 
 
@@ -264,18 +268,18 @@ def test_latent_mask_restricts_competition_and_gradients_reach_the_encoder():
     )
 
 
-def test_non_contiguous_inputs(cpu_isa):
+def test_non_contiguous_inputs(target):
     d, M, k = 24, 200, 9
-    x = torch.randn(20, 2 * d)[:, ::2]
-    W_enc = (torch.randn(d, M) / d**0.5).T  # SAELens stores W_enc as [d, M]
-    b_enc = torch.randn(2 * M)[::2]
-    pre_bias = torch.randn(d, 3)[:, 1]
+    x = target.put(torch.randn(20, 2 * d))[:, ::2]
+    W_enc = target.put(torch.randn(d, M) / d**0.5).T  # SAELens stores W_enc as [d, M]
+    b_enc = target.put(torch.randn(2 * M))[::2]
+    pre_bias = target.put(torch.randn(d, 3))[:, 1]
     assert not any(t.is_contiguous() for t in (x, W_enc, b_enc, pre_bias))
-    grad_values = torch.randn(20, k)
-    ours = encode_grads(lambda *a: interpkernels.topk_encode(*a[:3], k, pre_bias=a[3])[0],
+    grad_values = target.put(torch.randn(20, k))
+    ours = encode_grads(lambda *a: interpkernels.topk_encode(*a[:3], k, pre_bias=a[3], backend=target.backend)[0],
                         x, W_enc, b_enc, pre_bias, grad_values)
     oracle = encode_grads(lambda *a: reference.topk_encode(*a[:3], k, pre_bias=a[3])[0],
-                          *(t.double() for t in (x, W_enc, b_enc, pre_bias, grad_values)))
+                          *(t.double().cpu() for t in (x, W_enc, b_enc, pre_bias, grad_values)))
     for got, want in zip(ours, oracle):
         assert_matches_oracle(got, want)
 
@@ -315,8 +319,19 @@ def opcheck_samples():
 
 
 @pytest.mark.parametrize("args", list(opcheck_samples()))
-def test_opcheck(args):
-    torch.library.opcheck(ops.topk_encode.default, args)
+def test_opcheck(args, target):
+    torch.library.opcheck(target.op("topk_encode"), target.put_args(args))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_bitwise_deterministic_run_to_run(dtype, target):
+    d, M, k = 40, 3000, 33
+    x, grad_values = torch.randn(300, d, dtype=dtype), torch.randn(300, k, dtype=dtype)
+    params = target.put(x, *make_encoder(d, M, dtype), grad_values)
+    runs = [encode_grads(lambda *a: interpkernels.topk_encode(*a[:3], k, pre_bias=a[3], backend=target.backend)[0],
+                         *params) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
 
 
 def bad_inputs():
