@@ -7,8 +7,9 @@ import csv
 import pytest
 import torch
 
-from interpkernels.benchmarks import OPS
-from interpkernels.benchmarks.harness import format_table, run_cases, write_csv
+from interpkernels.benchmarks import OPS, sparse_decode, topk_encode
+from interpkernels.benchmarks.harness import FloorRates, format_table, run_cases, write_csv
+from interpkernels.benchmarks.plots import sweeps, write_plots
 
 QUICK_CASES = [case for module in OPS.values() for case in module.cases(quick=True)]
 # Cases whose implementations compute one function (the training-step case compares different models).
@@ -37,3 +38,34 @@ def test_table_and_csv(tmp_path):
         assert float(row["median_ms"]) > 0 and int(row["repeats"]) == 2
         if row["impl"] == row["baseline"]:
             assert float(row["speedup_vs_baseline"]) == 1.0
+        if row["op"] in ("topk_encode", "sparse_decode"):  # cases that state their cost
+            assert float(row["floor_ms"]) > 0 and float(row["floor_fraction"]) > 0
+    assert "of floor" in table
+
+
+def test_floor_is_the_slower_of_compute_and_memory():
+    rates = FloorRates({"torch.float32": 1e12}, 1e11)
+    assert rates.floor_ms((2e9, 1e6), "torch.float32") == pytest.approx(2.0)  # compute bound
+    assert rates.floor_ms((2e6, 1e9), "torch.float32") == pytest.approx(10.0)  # memory bound
+    flops, moved = topk_encode.cost("forward", torch.bfloat16, N=16384, d=4096, M=131072, k=32)
+    assert flops == 2 * 16384 * 4096 * 131072
+    assert moved == 2 * (16384 * 4096 + 131072 * 4096 + 131072) + 16384 * 32 * 10
+
+
+def test_gpu_cases_cover_the_spec_shapes_and_baselines():
+    cases = topk_encode.gpu_cases() + sparse_decode.gpu_cases()
+    params = [case.params for case in cases]
+    assert {p["d"] for p in params} == {768, 2304, 4096} and max(p["M"] for p in params) == 131072
+    assert {32, 64, 128} <= {p["k"] for p in params}
+    assert {p["dtype"] for p in params} == {"torch.bfloat16", "torch.float32"}
+    assert all(case.cost is not None for case in cases)
+
+
+def test_plots_draw_each_sweep(tmp_path):
+    cases = [topk_encode.case("forward", torch.float32, N=64, d=16, M=M, k=4) for M in (128, 256)]
+    measurements = run_cases(cases, torch.device("cpu"), repeats=1, log=lambda line: None)
+    found = sweeps(measurements)
+    assert [key[-1] for key in found] == ["M"]
+    paths = write_plots(measurements, tmp_path, "run")
+    assert [path.name for path in paths] == ["run-topk_encode-forward-vs-M.png"]
+    assert paths[0].stat().st_size > 0

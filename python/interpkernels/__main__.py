@@ -21,7 +21,10 @@ def bench(args: argparse.Namespace) -> None:
     unknown = set(ops) - set(OPS)
     if unknown:
         raise SystemExit(f"--ops: unknown op(s) {sorted(unknown)}; choose from {sorted(OPS)}")
-    cases = [case for op in ops for case in OPS[op].cases(quick=args.quick)]
+    # On a GPU, the modules that define them run their SPEC section 7 shapes and GPU baselines.
+    case_lists = [getattr(OPS[op], "gpu_cases", OPS[op].cases) if device.type == "cuda" else OPS[op].cases
+                  for op in ops]
+    cases = [case for make_cases in case_lists for case in make_cases(quick=args.quick)]
     repeats = args.repeats or (3 if args.quick else 7)
     print(f"interpkernels {interpkernels.__version__} benchmarks on {machine_description(device)}, "
           f"torch {torch.__version__}, {repeats} repeats", file=sys.stderr)
@@ -30,6 +33,11 @@ def bench(args: argparse.Namespace) -> None:
     if args.csv:
         write_csv(measurements, Path(args.csv), device)
         print(f"results written to {args.csv}", file=sys.stderr)
+        if args.plots:
+            from interpkernels.benchmarks.plots import write_plots
+
+            for path in write_plots(measurements, Path(args.csv).parent, Path(args.csv).stem):
+                print(f"figure written to {path}", file=sys.stderr)
 
 
 def info(args: argparse.Namespace) -> None:
@@ -52,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     bench_parser.add_argument("--quick", action="store_true", help="small shapes, a smoke run of a few seconds")
     bench_parser.add_argument("--repeats", type=int, help="timed repeats per implementation (default 7, quick 3)")
     bench_parser.add_argument("--csv", help="also write the results, with machine, torch, commit and date, here")
+    bench_parser.add_argument("--plots", action="store_true",
+                              help="with --csv, also draw time against each swept M, k or d beside it (matplotlib)")
     bench_parser.set_defaults(run=bench)
     commands.add_parser("info", help="print how this copy was built").set_defaults(run=info)
     args = parser.parse_args(argv)
