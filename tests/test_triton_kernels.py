@@ -152,13 +152,18 @@ ENCODE_SHAPES = [
 ]
 
 
+# Each tile selected one candidate at a time, or (where the running set fits a tile) sorted and merged.
+SELECTIONS = {"insert": dict(insert_limit=2**30), "sort_and_merge": dict(insert_limit=0)}
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("with_pre_bias", (False, True), ids=("no_pre_bias", "pre_bias"))
 @pytest.mark.parametrize("N,d,M,k,splits", ENCODE_SHAPES)
-def test_topk_encode_float32_matches_reference_exactly_in_selection(N, d, M, k, splits, with_pre_bias):
+def test_topk_encode_float32_matches_reference_exactly_in_selection(N, d, M, k, splits, with_pre_bias, selection):
     x = randn(N, d)
     W_enc, b_enc, pre_bias = make_encoder(d, M, torch.float32)
     pre_bias = pre_bias if with_pre_bias else None
-    values, indices = encode(x, W_enc, b_enc, k, pre_bias, splits=splits)
+    values, indices = encode(x, W_enc, b_enc, k, pre_bias, splits=splits, **SELECTIONS[selection])
     want_values, want_indices = reference.topk_encode(
         x.double(), W_enc.double(), b_enc.double(), k, pre_bias=None if pre_bias is None else pre_bias.double()
     )
@@ -177,6 +182,25 @@ def test_topk_encode_latent_mask():
         x.double(), W_enc.double(), b_enc.double(), k, pre_bias=pre_bias.double(), latent_mask=keep
     )
     assert keep[indices].all()
+    assert torch.equal(indices, want_indices)
+    check(values, want_values)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_topk_encode_sorts_wide_tiles_against_a_large_k(selection):
+    """k = 100 (a running set of 128) against 128-latent tiles: the sort-and-merge path with
+    padding slots, and the insertion path, over several tiles and a masked, thresholded range."""
+    N, d, M, k = 6, 9, 700, 100
+    x = randn(N, d)
+    W_enc, b_enc, pre_bias = make_encoder(d, M, torch.float32)
+    keep = torch.rand(M, device=DEVICE) < 0.8
+    keep[:k] = True
+    threshold = 0.3 * randn(M).abs()
+    values, indices = encode(x, W_enc, b_enc, k, pre_bias, keep, threshold, block_m=128, splits=2,
+                             **SELECTIONS[selection])
+    want_values, want_indices = reference.topk_encode(
+        x.double(), W_enc.double(), b_enc.double(), k, pre_bias=pre_bias.double(), latent_mask=keep,
+        threshold=threshold.double())
     assert torch.equal(indices, want_indices)
     check(values, want_values)
 

@@ -1,4 +1,6 @@
-"""Compiles the fused encoder's Triton kernels for Hopper (sm_90), no GPU needed:
+"""Compiles the fused encoder's Triton kernels for Hopper (sm_90), no GPU needed
+(the launcher's default tiles for every dtype and option, and every tile shape
+its autotuner may pick):
 `python tests/triton_sm90.py` (test_triton_compile.py runs it). Not under
 TRITON_INTERPRET=1, where @triton.jit makes interpreted functions."""
 
@@ -21,17 +23,17 @@ def compile_for_hopper(kernel, types: dict, constants: dict, **options):
     assert compiled.asm["cubin"], "no cubin"
 
 
-def partial_kernel(dtype: str, has_threshold: bool, has_mask: bool) -> None:
-    """The launcher's configurations (triton_kernels/topk_encode.py) for one dtype."""
+def partial_kernel(dtype: str, has_threshold: bool, has_mask: bool, config: triton.Config, k_pad: int) -> None:
+    """One launch configuration of the partial kernel (triton_kernels/topk_encode.py)."""
     sixteen_bit = dtype != "fp32"
     pointer = f"*{dtype}"
-    types = dict(x_ptr=pointer, w_ptr=pointer, b_ptr=pointer, pre_bias_ptr=pointer, mask_ptr="*u8",
-                 threshold_ptr="*fp32", keys_ptr="*i64", N="i32", M="i32", d="i32", k="i32",
-                 latents_per_split="i32", stride_xn="i32", stride_xd="i32", stride_wm="i32", stride_wd="i32")
-    constants = dict(HAS_PRE_BIAS=True, HAS_MASK=has_mask, HAS_THRESHOLD=has_threshold,
-                     DOT_PRECISION="tf32" if sixteen_bit else "ieee", K_PAD=32,
-                     BLOCK_N=64 if sixteen_bit else 32, BLOCK_M=128, BLOCK_D=64 if sixteen_bit else 32)
-    compile_for_hopper(encoder._topk_partial_kernel, types, constants, num_warps=8, num_stages=3)
+    types = dict(x_ptr=pointer, w_ptr=pointer, b_ptr=pointer, mask_ptr="*u8", threshold_ptr="*fp32",
+                 keys_ptr="*i64", N="i32", M="i32", d="i32", k="i32", latents_per_split="i32", stride_xn="i32",
+                 stride_xd="i32", stride_wm="i32", stride_wd="i32")
+    constants = dict(HAS_MASK=has_mask, HAS_THRESHOLD=has_threshold, DOT_PRECISION="tf32" if sixteen_bit else "ieee",
+                     K_PAD=k_pad, INSERT_LIMIT=encoder.INSERT_LIMIT, **config.kwargs)
+    compile_for_hopper(encoder._topk_partial_kernel, types, constants, num_warps=config.num_warps,
+                       num_stages=config.num_stages)
 
 
 def merge_kernel(dtype: str) -> None:
@@ -39,13 +41,35 @@ def merge_kernel(dtype: str) -> None:
     compile_for_hopper(encoder._topk_merge_kernel, types, dict(K_PAD=32, WIDTH_PAD=128, BLOCK_R=32))
 
 
+def tile_shapes(k_pad: int, sixteen_bit: bool) -> list[triton.Config]:
+    """Each tile shape the autotuner may pick, once (warps and stages do not change what compiles)."""
+    seen, configs = set(), []
+    for config in encoder.tuning_configs(k_pad, sixteen_bit):
+        shape = tuple(sorted(config.kwargs.items()))
+        if shape not in seen:
+            seen.add(shape)
+            configs.append(config)
+    return configs
+
+
 def main() -> None:
+    compiled = 0
     for dtype, has_threshold, has_mask in itertools.product(("fp32", "bf16", "fp16"), (False, True), (False, True)):
-        partial_kernel(dtype, has_threshold, has_mask)
+        default = triton.Config(dict(zip(("BLOCK_N", "BLOCK_M", "BLOCK_D"), encoder._default_tiles(32, dtype != "fp32"))),
+                                num_warps=8, num_stages=3)
+        partial_kernel(dtype, has_threshold, has_mask, default, 32)
         print(f"_topk_partial_kernel {dtype} threshold={has_threshold} mask={has_mask}: sm_90 cubin")
+        compiled += 1
+    for dtype, k_pad in itertools.product(("fp32", "bf16"), (32, 128)):
+        for config in tile_shapes(k_pad, dtype != "fp32"):
+            partial_kernel(dtype, True, True, config, k_pad)
+            print(f"_topk_partial_kernel {dtype} K_PAD={k_pad} {config.kwargs}: sm_90 cubin")
+            compiled += 1
     for dtype in ("fp32", "bf16", "fp16"):
         merge_kernel(dtype)
         print(f"_topk_merge_kernel {dtype}: sm_90 cubin")
+        compiled += 1
+    print(f"{compiled} kernels compiled")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,22 @@ tl.min, tl.topk) carry the indices along.
 Two kernels:
 1. `_topk_partial_kernel`, program (row block, latent split): streams the split's
    latents in tiles through `tl.dot` and keeps the k best keys of each row in
-   registers. A tile key enters the set only if it beats the row's current
-   k-th best (the set's minimum): while any row of the block has such a key,
-   each row's best remaining tile key replaces the row's minimum if larger.
-   After the first tiles few keys qualify, so most tiles cost about one max
-   and one compare per element instead of a sort.
+   registers. A tile key is a candidate only if it beats the row's current
+   k-th best (the set's minimum). A tile where no row has a candidate costs one
+   count and one compare per element. Where some row has more than
+   INSERT_LIMIT candidates (the first tiles), the tile is selected and merged
+   at once: tl.topk of the tile, then tl.topk of that and the running set.
+   Otherwise each row's best remaining candidate replaces the row's minimum,
+   one candidate per step, which is cheaper than two sorts for a few.
 2. `_topk_merge_kernel`, program (row block): tl.topk of the splits' candidates,
    decoded into values and indices.
+
+x is centred on pre_bias once, by the launcher (`x - pre_bias` in x's dtype,
+as torch and the CPU kernel round it), not in every latent tile.
+
+On CUDA the partial kernel is autotuned over tile shapes, warps and stages
+(keyed on d, M, k and the dtype); explicit block sizes, or the interpreter,
+launch one configuration.
 """
 
 from __future__ import annotations
@@ -71,11 +80,12 @@ def _unpack_keys(keys):
 
 @triton.jit
 def _topk_partial_kernel(
-    x_ptr, w_ptr, b_ptr, pre_bias_ptr, mask_ptr, threshold_ptr, keys_ptr,
+    x_ptr, w_ptr, b_ptr, mask_ptr, threshold_ptr, keys_ptr,
     N, M, d, k, latents_per_split,
     stride_xn, stride_xd, stride_wm, stride_wd,
-    HAS_PRE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_THRESHOLD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_THRESHOLD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K_PAD: tl.constexpr, INSERT_LIMIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """keys[n, s, :k] = the k largest keys of pre[n, i] over latents i of split s = program 1
     (latents [s * latents_per_split, (s + 1) * latents_per_split) ∩ [0, M)), unordered,
@@ -102,10 +112,6 @@ def _topk_partial_kernel(
             cols64 = cols.to(tl.int64)
             x = tl.load(x_ptr + x_rows[:, None] + cols64[None, :] * stride_xd,
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            if HAS_PRE_BIAS:
-                pre_bias = tl.load(pre_bias_ptr + cols, mask=col_ok, other=0.0)
-                # Centre in float32 and round once, as torch does `x - pre_bias` in x's dtype.
-                x = (x.to(tl.float32) - pre_bias.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
             w = tl.load(w_ptr + w_rows[:, None] + cols64[None, :] * stride_wd,
                         mask=latent_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
@@ -121,13 +127,25 @@ def _topk_partial_kernel(
             keep = keep & (tl.load(mask_ptr + latents, mask=latent_ok, other=0) != 0)
         tile = tl.where(keep[None, :], tile, _MIN_KEY)
 
-        top = tl.max(tile, axis=1)
-        while tl.max((top > threshold).to(tl.int32), axis=0) > 0:
-            enters = top > threshold
-            best = tl.where(enters[:, None] & (best == threshold[:, None]), top[:, None], best)
+        most_candidates = tl.max(tl.sum((tile > threshold[:, None]).to(tl.int32), axis=1), axis=0)
+        if K_PAD <= BLOCK_M and most_candidates > INSERT_LIMIT:
+            # The k largest of the running set's k keys and the tile's, into slots 0..k-1
+            # (the padding slots keep their keys). They stay distinct: the set's keys above
+            # its minimum and the tile's candidates are distinct latents, and a row without
+            # candidates gets its own keys back.
+            real = (slot < k)[None, :]
+            tile_best = tl.topk(tile, K_PAD)
+            both = tl.reshape(tl.join(tl.where(real, best, _MIN_KEY), tile_best), [BLOCK_N, 2 * K_PAD])
+            best = tl.where(real, tl.topk(both, K_PAD), best)
             threshold = tl.min(best, axis=1)
-            tile = tl.where(tile == top[:, None], _MIN_KEY, tile)
+        elif most_candidates > 0:
             top = tl.max(tile, axis=1)
+            while tl.max((top > threshold).to(tl.int32), axis=0) > 0:
+                enters = top > threshold
+                best = tl.where(enters[:, None] & (best == threshold[:, None]), top[:, None], best)
+                threshold = tl.min(best, axis=1)
+                tile = tl.where(tile == top[:, None], _MIN_KEY, tile)
+                top = tl.max(tile, axis=1)
 
     width = tl.num_programs(1) * k
     out = keys_ptr + rows.to(tl.int64)[:, None] * width + tl.program_id(1) * k + slot[None, :]
@@ -166,50 +184,107 @@ def _default_splits(device: torch.device, row_blocks: int, M: int, k_pad: int, b
     return max(1, min(triton.cdiv(2 * sms, row_blocks), M // (8 * max(k_pad, block_m))))
 
 
+# A tile with at most this many candidates in every row inserts them one by one; more
+# (in any row) and it is sorted and merged. A guess from operation counts (an insertion
+# step and a bitonic stage each cost about one pass over the tile), not yet measured.
+INSERT_LIMIT = 8
+# The widest latent tile among the autotuned configurations: splits are multiples of it.
+_MAX_BLOCK_M = 256
+
+
+def _default_tiles(k_pad: int, sixteen_bit: bool) -> tuple[int, int, int]:
+    """(block_n, block_m, block_d) within sm_90's register budget at 8 warps: the BLOCK_N x
+    BLOCK_M tile of int64 keys, the BLOCK_N x K_PAD running set, and for float32 the FMA
+    (IEEE) dot, which spills past 16 tile elements per thread; 16-bit tiles of 64 rows use
+    wgmma."""
+    return max(16, min(64 if sixteen_bit else 32, 4096 // k_pad)), 128, 64 if sixteen_bit else 32
+
+
+def tuning_configs(k_pad: int, sixteen_bit: bool) -> list[triton.Config]:
+    """The autotuner's candidates: the default tiles and neighbours in rows, latents, depth,
+    warps and stages, kept within the register budget of _default_tiles."""
+    block_n, block_m, block_d = _default_tiles(k_pad, sixteen_bit)
+    shapes = {(block_n, block_m, block_d), (block_n, 2 * block_m, block_d), (block_n, block_m, 2 * block_d),
+              (max(16, block_n // 2), 2 * block_m, block_d)}
+    if block_n * 2 * k_pad <= 8192:
+        shapes.add((2 * block_n, block_m, block_d))
+    configs = []
+    for n, m, depth in sorted(shapes):
+        if m > _MAX_BLOCK_M or n * m > (8192 if sixteen_bit else 4096):
+            continue
+        for warps, stages in ((8, 3), (4, 4), (8, 4)):
+            configs.append(triton.Config(dict(BLOCK_N=n, BLOCK_M=m, BLOCK_D=depth), num_warps=warps,
+                                         num_stages=stages))
+    return configs
+
+
+_tuned_partial_kernels: dict = {}
+
+
+def _tuned_partial_kernel(k_pad: int, sixteen_bit: bool):
+    """The partial kernel autotuned over tuning_configs, keyed on d, M, K_PAD (and, by
+    Triton, the argument dtypes); one autotuner per (K_PAD, 16-bit), made on first use."""
+    key = (k_pad, sixteen_bit)
+    if key not in _tuned_partial_kernels:
+        _tuned_partial_kernels[key] = triton.autotune(
+            configs=tuning_configs(k_pad, sixteen_bit), key=["d", "M", "K_PAD"])(_topk_partial_kernel)
+    return _tuned_partial_kernels[key]
+
+
 def topk_encode(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
     pre_bias: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None,
     *, block_n: int | None = None, block_m: int | None = None, block_d: int | None = None,
-    splits: int | None = None, num_warps: int = 8, num_stages: int = 3,
+    splits: int | None = None, num_warps: int = 8, num_stages: int = 3, insert_limit: int = INSERT_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [N, k] in x's dtype, indices [N, k] int64): the TopK code of
     relu((x - pre_bias) @ W_enc.T + b_enc) over the latents latent_mask keeps in, rows in
     rank order (module docstring; `threshold` [M] sets the tiers).
 
     Requires 1 <= k <= (number of latents latent_mask keeps in) and M < 2^31. float32 inputs
-    multiply in IEEE float32 (not tf32). Knobs: `block_n` rows x `block_m` latents per tile
-    (both >= 16, powers of two; `block_d` too), `splits` of the latent range run as separate
-    programs (default: enough to fill the GPU), and the launch's `num_warps` / `num_stages`."""
+    multiply in IEEE float32 (not tf32). On CUDA without block sizes given, the tiles, warps
+    and stages are autotuned; otherwise `block_n` rows x `block_m` latents per tile (both
+    >= 16, powers of two; `block_d` too) with `num_warps` / `num_stages`. `splits` of the
+    latent range run as separate programs (default: enough to fill the GPU);
+    `insert_limit` is INSERT_LIMIT (module docstring)."""
     N, d = x.shape
     M = W_enc.shape[0]
     values = new_output(N, k, dtype=x.dtype, device=x.device)
     indices = new_output(N, k, dtype=torch.int64, device=x.device)
     if N == 0:
         return values, indices
+    centered = x if pre_bias is None else x - pre_bias
     k_pad = triton.next_power_of_2(k)
     sixteen_bit = x.dtype != torch.float32
-    # Register budget (sm_90, 8 warps): the BLOCK_N x BLOCK_M tile of int64 keys, the
-    # BLOCK_N x K_PAD running set, and for float32 the FMA (IEEE) dot, which spills past
-    # 16 tile elements per thread; 16-bit tiles of 64 rows use wgmma.
-    block_n = block_n or max(16, min(64 if sixteen_bit else 32, 4096 // k_pad))
-    block_m = block_m or 128
-    block_d = block_d or (64 if sixteen_bit else 32)
-    row_blocks = triton.cdiv(N, block_n)
-    splits = splits or _default_splits(x.device, row_blocks, M, k_pad, block_m)
-    latents_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    autotuned = x.device.type == "cuda" and block_n is None and block_m is None and block_d is None
+    default_n, default_m, default_d = _default_tiles(k_pad, sixteen_bit)
+    block_n, block_m, block_d = block_n or default_n, block_m or default_m, block_d or default_d
+    # Splits are whole multiples of every tile width a launch may use.
+    split_unit = _MAX_BLOCK_M if autotuned else block_m
+    splits = splits or _default_splits(x.device, triton.cdiv(N, block_n), M, k_pad, block_m)
+    latents_per_split = triton.cdiv(triton.cdiv(M, splits), split_unit) * split_unit
     splits = triton.cdiv(M, latents_per_split)
 
     keys = torch.empty(N, splits * k, dtype=torch.int64, device=x.device)
-    _topk_partial_kernel[(row_blocks, splits)](
-        x, W_enc, b_enc.contiguous(), pre_bias.contiguous() if pre_bias is not None else None,
+    arguments = (
+        centered, W_enc, b_enc.contiguous(),
         latent_mask.contiguous().view(torch.uint8) if latent_mask is not None else None,
         threshold.contiguous() if threshold is not None else None, keys,
-        N, M, d, k, latents_per_split, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-        HAS_PRE_BIAS=pre_bias is not None, HAS_MASK=latent_mask is not None, HAS_THRESHOLD=threshold is not None,
-        DOT_PRECISION="tf32" if sixteen_bit else "ieee",  # tf32: the default, moot for 16-bit inputs
-        K_PAD=k_pad, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+        N, M, d, k, latents_per_split, centered.stride(0), centered.stride(1), W_enc.stride(0), W_enc.stride(1),
     )
+    constants = dict(
+        HAS_MASK=latent_mask is not None, HAS_THRESHOLD=threshold is not None,
+        DOT_PRECISION="tf32" if sixteen_bit else "ieee",  # tf32: the default, moot for 16-bit inputs
+        K_PAD=k_pad, INSERT_LIMIT=insert_limit,
+    )
+    if autotuned:
+        _tuned_partial_kernel(k_pad, sixteen_bit)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)](
+            *arguments, **constants)
+    else:
+        _topk_partial_kernel[(triton.cdiv(N, block_n), splits)](
+            *arguments, **constants, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            num_stages=num_stages)
     width = splits * k
     width_pad = triton.next_power_of_2(width)
     block_r = max(1, min(triton.next_power_of_2(N), 4096 // width_pad))
