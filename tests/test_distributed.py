@@ -109,6 +109,20 @@ def check_ties_and_nan(world_size: int) -> None:
     assert {shard_bounds(M, world_size, r).start for r in range(world_size)} - {0}  # the ties do cross shards
 
 
+def check_bf16_autocast() -> None:
+    """Under bf16 autocast: the same code; the reconstruction's error (against
+    float64) at most twice the unsharded module's (SPEC §6)."""
+    full = TopKSAE(32, 101, 8, seed=12)
+    sharded = shard_latents(full)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(13))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = full(x), sharded(x)
+    exact = copy.deepcopy(full).double()(x.double()).reconstruction
+    assert torch.equal(got.indices, expected.indices) and torch.equal(got.values, expected.values)
+    error = (got.reconstruction.double() - exact).abs().max()
+    assert error <= 2 * (expected.reconstruction.double() - exact).abs().max()
+
+
 def check_training(rank: int, world_size: int) -> dict:
     """train() on the sharded module gives single-process training's parameters; AuxK runs."""
     batches = [torch.randn(8, D, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64)
@@ -135,6 +149,18 @@ def check_training(rank: int, world_size: int) -> dict:
     return trained
 
 
+def train_on_mean_loss(module, steps: list[list[torch.Tensor]], lr: float) -> None:
+    """Single-process data parallelism: per step, Adam on the mean of the replicas' FVUs."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    for replica_batches in steps:
+        loss = sum(module(x).fvu for x in replica_batches) / len(replica_batches)
+        optimizer.zero_grad()
+        loss.backward()
+        module.remove_decoder_parallel_gradient_()
+        optimizer.step()
+        module.normalize_decoder_()
+
+
 def check_data_parallel(rank: int, world_size: int) -> None:
     """DDP over the world: the parameters of single-process steps on the mean of the ranks' losses."""
     batches = [[torch.randn(8, D, generator=torch.Generator().manual_seed(200 + 10 * step + r), dtype=torch.float64)
@@ -143,14 +169,7 @@ def check_data_parallel(rank: int, world_size: int) -> None:
     reference = copy.deepcopy(module)
     history = train(module, [step[rank] for step in batches], steps=3, lr=1e-2, dead_after_tokens=10**9,
                     progress=False, data_parallel_group=dist.group.WORLD)
-    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    for step in batches:
-        loss = sum(reference(x).fvu for x in step) / world_size
-        optimizer.zero_grad()
-        loss.backward()
-        reference.remove_decoder_parallel_gradient_()
-        optimizer.step()
-        reference.normalize_decoder_()
+    train_on_mean_loss(reference, batches, lr=1e-2)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(module.state_dict()[key], value, msg=lambda m: f"{key}: {m}")
     parameter_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -162,6 +181,7 @@ def two_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
         for seed, full in enumerate(coders(dtype)):
             check_against_unsharded(full, shard_latents(full), dtype, seed)
     check_ties_and_nan(world_size)
+    check_bf16_autocast()
     trained = check_training(rank, world_size)
     check_data_parallel(rank, world_size)
     full, sharded = trained["JumpReLUSAE"]
@@ -211,20 +231,22 @@ def test_three_ranks_uneven_shards_and_checkpoint_of_two(checkpoint_of_two_ranks
 
 
 def test_train_distributed_command_matches_single_process(tmp_path):
-    """torchrun, 2 latent shards: the final checkpoint equals train() in one process."""
+    """torchrun on a 2 x 2 mesh (data x latent): the final checkpoint equals one
+    process stepping on the mean loss of the two replicas' batches."""
     data = np.random.default_rng(0).standard_normal((512, 16)).astype(np.float32)
     data.tofile(tmp_path / "acts.f32")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                "-m", "interpkernels", "train-distributed", "--data", str(tmp_path / "acts.f32"), "--width", "16",
                "--latents", "37", "--k", "4", "--latent-shards", "2", "--batch-size", "64", "--steps", "6",
                "--lr", "0.01", "--log-every", "2", "--out", str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
-    assert "1 data-parallel x 2 latent shards" in finished.stderr
+    assert "2 data-parallel x 2 latent shards" in finished.stderr
+    assert (tmp_path / "run" / "history.json").is_file()
     reference = TopKSAE(16, 37, 4, seed=0)
-    train(reference, memmap_batches(tmp_path / "acts.f32", 16, 64, shuffle_seed=0), steps=6, lr=0.01,
-          log_every=2, progress=False)
+    stream = memmap_batches(tmp_path / "acts.f32", 16, 64, shuffle_seed=0)
+    train_on_mean_loss(reference, [[next(stream), next(stream)] for _ in range(6)], lr=0.01)
     trained = load_checkpoint(tmp_path / "run" / "final")
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(trained.state_dict()[key], value, rtol=1e-5, atol=1e-6)
@@ -243,6 +265,10 @@ def test_shard_latents_refuses_what_it_cannot_shard(tmp_path):
             shard_latents(sharded)
         with pytest.raises(ValueError, match="dead_mask"):
             sharded(torch.randn(3, D), dead_mask=torch.zeros(M + 1, dtype=torch.bool))
+        with pytest.raises(ValueError, match="x: expected a tensor of shape"):
+            sharded.encode(torch.tensor(1.0))
+        with pytest.raises(ValueError, match="k: expected 1 <= k <= M = 31"):
+            shard_latents(TopKSAE(D, M, M + 1)).encode(torch.randn(3, D))
         save_checkpoint(TopKSAE(D, M, 4, seed=3), tmp_path / "one")
         assert torch.equal(load_sharded_checkpoint(tmp_path / "one").W_dec, TopKSAE(D, M, 4, seed=3).W_dec)
     finally:

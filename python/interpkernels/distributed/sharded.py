@@ -73,7 +73,8 @@ def rank_keys(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices
         pre = torch.ops.interpkernels.gathered_dot(centered.contiguous(), indices, W_enc.contiguous())
     else:
         accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
-        pre = torch.einsum("nd,nkd->nk", centered.to(accumulate), W_enc[indices].to(accumulate))
+        with torch.autocast(x.device.type, enabled=False):  # else einsum would run in bf16
+            pre = torch.einsum("nd,nkd->nk", centered.to(accumulate), W_enc[indices].to(accumulate))
     pre = pre + b_enc.to(pre.dtype)[indices]
     tier = torch.full_like(indices, _RANKED)
     if threshold is not None:
@@ -95,6 +96,11 @@ def select_global_topk(keys: torch.Tensor, packed: torch.Tensor, k: int) -> torc
     return order[:, :k]
 
 
+def _rank_major(gathered: torch.Tensor) -> torch.Tensor:
+    """``[R, N, c]`` gathered candidates as ``[N, R * c]``, rank 0's first."""
+    return gathered.permute(1, 0, 2).reshape(gathered.shape[1], -1)
+
+
 class LatentShardedCoder:
     """Mixin over an interpkernels.nn SparseCoder class holding one rank's latents.
 
@@ -113,7 +119,10 @@ class LatentShardedCoder:
 
     def _candidates(self, x, b_enc, k, *, threshold=None):
         group, counter = self.group, self.communication
-        v.require_tensor("x", x)
+        if v.require_tensor("x", x).dim() < 1:
+            raise ValueError(f"x: expected a tensor of shape [..., d], got {v.describe(x)}")
+        # Checked here, not by the local topk_encode, which sees only min(k, latents held).
+        k = v.require_count("k", k, 1, self.num_latents, "M")
         leading, d = x.shape[:-1], x.shape[-1]
         rows = leading.numel()
         pre_bias = self._pre_bias()
@@ -137,10 +146,10 @@ class LatentShardedCoder:
         gathered_values = gather_over_shards(values, group, counter)  # [R, N, padded_k]
         gathered_keys = all_gather(keys, group, counter)
         gathered_packed = all_gather(packed, group, counter)
-        flat = lambda t: t.permute(1, 0, 2).reshape(rows, -1)  # noqa: E731  ([N, R * padded_k], rank-major)
-        positions = select_global_topk(flat(gathered_keys), flat(gathered_packed), k)
-        code_values = flat(gathered_values).gather(-1, positions)
-        code_indices = (flat(gathered_packed) >> _TIER_BITS).gather(-1, positions)
+        packed = _rank_major(gathered_packed)
+        positions = select_global_topk(_rank_major(gathered_keys), packed, k)
+        code_values = _rank_major(gathered_values).gather(-1, positions)
+        code_indices = (packed >> _TIER_BITS).gather(-1, positions)
         return code_values.view(*leading, k), code_indices.view(*leading, k)
 
     def _held_entries(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +160,9 @@ class LatentShardedCoder:
     def _decode_rows(self, values, indices, bias):
         held, local = self._held_entries(indices)
         partial = sparse_decode(torch.where(held, values, 0), local, self.W_dec, backend=self.backend)
-        out = sum_over_shards(partial, self.group, self.communication)
+        # Summed in float32 at least: a bf16 all-reduce would round at every hop of the ring.
+        accumulate = torch.promote_types(partial.dtype, torch.float32)
+        out = sum_over_shards(partial.to(accumulate), self.group, self.communication).to(partial.dtype)
         return out if bias is None else out + bias
 
     def _at_latents(self, per_latent, indices):
