@@ -33,21 +33,24 @@ D, M = 12, 31
 TOLERANCES = {torch.float64: {}, torch.float32: dict(rtol=1e-5, atol=1e-6)}  # SPEC §6
 
 
-def spawn(world_size: int, check, *args, store: Path) -> None:
-    """Run check(rank, world_size, *args) in world_size processes on one gloo group."""
-    mp.spawn(_run_rank, args=(world_size, str(store), check, args), nprocs=world_size)
+def spawn(world_size: int, check, *args, store: Path, backend: str = "gloo") -> None:
+    """Run check(rank, world_size, *args) in world_size processes on one process group
+    (nccl: rank r on cuda:r)."""
+    mp.spawn(_run_rank, args=(world_size, str(store), backend, check, args), nprocs=world_size)
 
 
-def _run_rank(rank, world_size, store, check, args):
+def _run_rank(rank, world_size, store, backend, check, args):
     torch.set_num_threads(1)  # ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         check(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
 
-def coders(dtype: torch.dtype) -> list:
+def coders(dtype: torch.dtype, device: str = "cpu") -> list:
     """One module of each shardable kind, random biases and thresholds (never zeros)."""
     generator = torch.Generator().manual_seed(11)
     modules = [TopKSAE(D, M, 4, k_aux=6, seed=1), BatchTopKSAE(D, M, 3, seed=2),
@@ -58,15 +61,17 @@ def coders(dtype: torch.dtype) -> list:
             for name, parameter in module.named_parameters():
                 if name in ("b_enc", "b_dec", "W_skip", "log_threshold"):
                     parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return [module.to(dtype) for module in modules]
+    return [module.to(device, dtype) for module in modules]
 
 
 def check_against_unsharded(full, sharded, dtype, seed: int) -> None:
     """Forward outputs (indices exactly), grad_x and every parameter gradient."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 5, D, generator=generator, dtype=dtype)  # leading dims kept
-    target = torch.randn(2, 5, full.d_out, generator=generator, dtype=dtype) if isinstance(full, Transcoder) else None
-    dead_mask = torch.rand(M, generator=generator) < 0.5
+    device = full.W_enc.device
+    x = torch.randn(2, 5, D, generator=generator, dtype=dtype).to(device)  # leading dims kept
+    target = torch.randn(2, 5, full.d_out, generator=generator, dtype=dtype).to(device) \
+        if isinstance(full, Transcoder) else None
+    dead_mask = (torch.rand(M, generator=generator) < 0.5).to(device)
     results = []
     for module in (full, sharded):
         module.zero_grad(set_to_none=True)
@@ -250,6 +255,16 @@ def test_train_distributed_command_matches_single_process(tmp_path):
     trained = load_checkpoint(tmp_path / "run" / "final")
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(trained.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def nccl_checks(rank: int, world_size: int) -> None:
+    for seed, full in enumerate(coders(torch.float32, f"cuda:{rank}")):
+        check_against_unsharded(full, shard_latents(full), torch.float32, seed)
+
+
+@pytest.mark.skipif(not dist.is_nccl_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs and NCCL")
+def test_two_gpus_on_nccl_match_single_process(tmp_path):
+    spawn(2, nccl_checks, store=tmp_path / "store", backend="nccl")
 
 
 def test_shard_latents_refuses_what_it_cannot_shard(tmp_path):
