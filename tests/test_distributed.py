@@ -206,6 +206,9 @@ def three_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
     assert sharded.latent_slice == shard_bounds(M, 3, rank) and sharded.log_threshold.shape == (10 + (rank == 0),)
     state = sharded.gather_state_dict()
     assert all(torch.equal(state[key], value) for key, value in full.state_dict().items())
+    rebuilt = sharded.unsharded()
+    assert type(rebuilt) is JumpReLUSAE
+    assert all(torch.equal(rebuilt.state_dict()[key], value) for key, value in full.state_dict().items())
     check_against_unsharded(full, sharded, torch.float64, seed=50)
 
 

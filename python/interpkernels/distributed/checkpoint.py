@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from interpkernels.distributed.sharded import LATENT_ROW_PARAMETERS, LatentShardedCoder, shard_bounds, shard_latents
+from interpkernels.distributed.sharded import (
+    LATENT_ROW_PARAMETERS,
+    LatentShardedCoder,
+    shard_bounds,
+    shard_latents,
+    unallocated_module,
+)
 from interpkernels.nn import MODULES, SparseCoder
 
 INDEX = "index.json"
@@ -81,19 +87,11 @@ def _read_state(directory: Path, index: dict, latents: slice, device: str | torc
     return state
 
 
-def _empty_module(index: dict) -> SparseCoder:
-    """The module of the index's class and config, parameters unallocated (meta device)."""
-    with torch.device("meta"):
-        module = MODULES[index["class"]](**{**index["config"], "seed": None})
-    module.config = dict(index["config"])
-    return module
-
-
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
     """The full (unsharded) module a save_checkpoint directory holds, at any world size it was written."""
     directory = Path(directory)
     index = _read_index(directory)
-    module = _empty_module(index)
+    module = unallocated_module(MODULES[index["class"]], index["config"])
     module.load_state_dict(_read_state(directory, index, slice(0, index["num_latents"]), device), assign=True)
     return module
 
@@ -104,7 +102,7 @@ def load_sharded_checkpoint(directory: str | Path, group: dist.ProcessGroup | No
     reading only its rows; collective over `group`, of any size."""
     directory = Path(directory)
     index = _read_index(directory)
-    sharded = shard_latents(_empty_module(index), group)
+    sharded = shard_latents(unallocated_module(MODULES[index["class"]], index["config"]), group)
     state = _read_state(directory, index, sharded.latent_slice, device)
     sharded.load_state_dict(state, assign=True)
     return sharded

@@ -200,12 +200,22 @@ class LatentShardedCoder:
         return state
 
     def unsharded(self) -> SparseCoder:
-        """A full module of the original class with the gathered parameters (collective)."""
+        """A full module of the original class holding the gathered parameters (collective)."""
         base = next(cls for cls in type(self).__mro__ if cls in SHARDABLE)
-        module = base(**self.config)
-        module.load_state_dict(self.gather_state_dict())
+        module = unallocated_module(base, self.config)
+        module.load_state_dict(self.gather_state_dict(), assign=True)
         module.backend = self.backend
-        return module.to(next(self.parameters()).device)
+        return module
+
+
+def unallocated_module(module_class: type[SparseCoder], config: dict) -> SparseCoder:
+    """module_class(**config) with its parameters on the meta device, to be
+    loaded with ``load_state_dict(..., assign=True)``: no full-size random
+    initialisation (seed None: meta tensors take no generator)."""
+    with torch.device("meta"):
+        module = module_class(**{**config, "seed": None})
+    module.config = dict(config)
+    return module
 
 
 SHARDABLE = (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder)
