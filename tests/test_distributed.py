@@ -25,6 +25,7 @@ from interpkernels.distributed import (
     shard_bounds,
     shard_latents,
 )
+from interpkernels.distributed import launch
 from interpkernels.distributed.sharded import LATENT_ROW_PARAMETERS
 from interpkernels.nn import BatchTopKSAE, CrossLayerTranscoder, JumpReLUSAE, TopKSAE, Transcoder
 from interpkernels.train import memmap_batches, train
@@ -270,7 +271,7 @@ def test_two_gpus_on_nccl_match_single_process(tmp_path):
     spawn(2, nccl_checks, store=tmp_path / "store", backend="nccl")
 
 
-def test_shard_latents_refuses_what_it_cannot_shard(tmp_path):
+def test_shard_latents_refuses_what_it_cannot_shard(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="not initialized"):
         shard_latents(TopKSAE(D, M, 4))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -293,3 +294,6 @@ def test_shard_latents_refuses_what_it_cannot_shard(tmp_path):
         dist.destroy_process_group()
     with pytest.raises(FileNotFoundError, match="index.json"):
         load_checkpoint(tmp_path)
+    monkeypatch.delenv("RANK", raising=False)  # as outside torchrun
+    with pytest.raises(SystemExit, match="run it under torchrun"):
+        launch.main(["--data", "acts.f32", "--width", "4", "--latents", "8", "--k", "2", "--out", str(tmp_path)])
