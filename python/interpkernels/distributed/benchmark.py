@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         autocast_dtype = DTYPES[args.dtype]
         shape = (f"N={args.batch_size} d={args.width} M={args.latents} k={args.k} {args.dtype} on "
                  f"{torch.cuda.get_device_name(device) if use_cuda else 'cpu (gloo)'}")
-        sharded = shard_latents(TopKSAE(args.width, args.latents, args.k, seed=0).to(device))
+        sharded = shard_latents(TopKSAE(args.width, args.latents, args.k, seed=0)).to(device)
         rate, moved = tokens_per_second(sharded, batch, args.interval, args.repeats, autocast_dtype)
         if rank == 0:
             print(f"{shape}: {world_size} latent shards: {rate:,.0f} tok/s; per step and rank "

@@ -78,9 +78,11 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     mesh = init_device_mesh(device.type, (replicas, shards), mesh_dim_names=("data", "latent"))
     replica = mesh.get_local_rank("data")
 
-    module = KINDS[args.kind](args.width, args.latents, args.k, seed=args.seed).to(device)
+    # Built in host memory on every rank (the same seed: the same module); only the shard goes to the device.
+    module = KINDS[args.kind](args.width, args.latents, args.k, seed=args.seed)
     if shards > 1:
         module = shard_latents(module, mesh.get_group("latent"))
+    module = module.to(device)
     stream = memmap_batches(args.data, args.width, args.batch_size, device=device, shuffle_seed=args.seed)
     batches = itertools.islice(stream, replica, None, replicas)
     out = Path(args.out)
