@@ -1,4 +1,4 @@
-"""Command line: `python -m interpkernels {demo,bench,info}`."""
+"""Command line: `python -m interpkernels {demo,bench,info,train-distributed}`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> None:
 
         demo.main(argv[1:])
         return
+    if argv[:1] == ["train-distributed"]:  # run under torchrun; parses its own flags
+        from interpkernels.distributed import launch
+
+        launch.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m interpkernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="train a TopK SAE on synthetic data with known features (--help for flags)")
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                               help="with --csv, also draw time against each swept M, k or d beside it (matplotlib)")
     bench_parser.set_defaults(run=bench)
     commands.add_parser("info", help="print how this copy was built").set_defaults(run=info)
+    commands.add_parser("train-distributed", help="train an SAE under torchrun, data-parallel x latent-sharded "
+                        "(--help for flags)")
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -26,8 +26,8 @@ from torch import nn
 
 from interpkernels import _validation as v
 from interpkernels.ops import sae_training
-from interpkernels.ops.batch_topk_encode import batch_topk_encode
-from interpkernels.ops.jumprelu_encode import apply_threshold, jumprelu_candidates, jumprelu_l0
+from interpkernels.ops.batch_topk_encode import keep_batch_top, resolve_max_per_row
+from interpkernels.ops.jumprelu_encode import apply_slot_threshold, slot_threshold_l0
 from interpkernels.ops.multi_target_decode import multi_target_decode
 from interpkernels.ops.sparse_decode import sparse_decode
 from interpkernels.ops.topk_encode import topk_encode
@@ -66,6 +66,7 @@ class SafetensorsModule(nn.Module):
     the class name and ``config`` (the constructor's arguments) as metadata."""
 
     config: dict
+    checkpoint_suffix = ".safetensors"  # interpkernels.train names checkpoints step_<n> plus this
 
     def save(self, path: str | Path) -> None:
         """Parameters and config to one safetensors file."""
@@ -100,6 +101,11 @@ class SparseCoder(SafetensorsModule):
     holds the constructor's arguments, so :meth:`load` can rebuild any of them.
     ``backend`` (attribute, not saved) picks the ops' implementation; "torch"
     runs the dense reference, for comparisons.
+
+    Everything that touches the latents goes through four methods,
+    :meth:`_candidates`, :meth:`_decode_rows`, :meth:`_at_latents` and
+    :meth:`_held_latents`: a latent-sharded module
+    (interpkernels.distributed.shard_latents) overrides just these.
     """
 
     backend: str | None = None
@@ -125,12 +131,31 @@ class SparseCoder(SafetensorsModule):
     def _pre_bias(self) -> torch.Tensor | None:
         return self.b_dec
 
+    def _candidates(self, x: torch.Tensor, b_enc: torch.Tensor, k: int, *,
+                    threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk_encode of x on this module's encoder with bias `b_enc` (and
+        `threshold`), both given for the latents the module holds."""
+        return topk_encode(x, self.W_enc, b_enc, k, pre_bias=self._pre_bias(), threshold=threshold,
+                           backend=self.backend)
+
+    def _decode_rows(self, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """sparse_decode of a code of (global) latent indices on W_dec."""
+        return sparse_decode(values, indices, self.W_dec, bias, backend=self.backend)
+
+    def _at_latents(self, per_latent: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``per_latent[indices]`` for a per-latent parameter held like b_enc."""
+        return per_latent[indices]
+
+    def _held_latents(self, full: torch.Tensor) -> torch.Tensor:
+        """The entries of a full ``[M]`` tensor for the latents this module holds."""
+        return full
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse code ``(values [..., k], indices [..., k])`` of x."""
-        return topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self._pre_bias(), backend=self.backend)
+        return self._candidates(x, self.b_enc, self.k)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend)
+        return self._decode_rows(values, indices, self.b_dec)
 
     def reconstruct(self, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.decode(values, indices)
@@ -165,10 +190,9 @@ class SparseCoder(SafetensorsModule):
         k_aux dead latents, scaled by min(#dead / k_aux, 1) as sparsify does.
         No host sync: live latents compete at -inf, so where fewer than k_aux
         latents are dead the extra slots hold zeros."""
-        dead_only_bias = self.b_enc.masked_fill(~dead_mask, float("-inf"))
-        values, indices = topk_encode(x, self.W_enc, dead_only_bias, self.k_aux, pre_bias=self._pre_bias(),
-                                      backend=self.backend)
-        residual_hat = sparse_decode(values, indices, self.W_dec, backend=self.backend)
+        dead_only_bias = self.b_enc.masked_fill(~self._held_latents(dead_mask), float("-inf"))
+        values, indices = self._candidates(x, dead_only_bias, self.k_aux)
+        residual_hat = self._decode_rows(values, indices, None)
         scale = (dead_mask.sum() / self.k_aux).clamp(max=1.0)
         return scale * sae_training.fvu(residual_hat, residual, backend=self.backend)
 
@@ -199,8 +223,9 @@ class BatchTopKSAE(SparseCoder):
         self.config["max_per_row"] = self.max_per_row = max_per_row
 
     def encode(self, x):
-        return batch_topk_encode(x, self.W_enc, self.b_enc, self.k, max_per_row=self.max_per_row,
-                                 pre_bias=self._pre_bias(), backend=self.backend)
+        max_per_row = resolve_max_per_row(self.k, self.max_per_row, self.num_latents)
+        values, indices = self._candidates(x, self.b_enc, max_per_row)
+        return keep_batch_top(values, self.k), indices
 
 
 class JumpReLUSAE(SparseCoder):
@@ -218,10 +243,10 @@ class JumpReLUSAE(SparseCoder):
 
     def _encode_with_l0(self, x):
         threshold = self.log_threshold.exp()
-        candidates, indices = jumprelu_candidates(x, self.W_enc, self.b_enc, threshold, self.k,
-                                                  pre_bias=self._pre_bias(), backend=self.backend)
-        values = apply_threshold(candidates, indices, threshold, self.bandwidth)
-        return values, indices, jumprelu_l0(candidates, indices, threshold, self.bandwidth)
+        candidates, indices = self._candidates(x, self.b_enc, self.k, threshold=threshold)
+        slot_threshold = self._at_latents(threshold, indices)
+        values = apply_slot_threshold(candidates, slot_threshold, self.bandwidth)
+        return values, indices, slot_threshold_l0(candidates, slot_threshold, self.bandwidth)
 
     def encode(self, x):
         values, indices, _ = self._encode_with_l0(x)

@@ -15,6 +15,13 @@ and the progress display (:class:`ProgressDisplay`, every few seconds).
 A latent is *dead* when it has not fired in the last `dead_after_tokens`
 training tokens: the latents AuxK trains, counted in the progress display and
 in ``TrainHistory.dead_latents``.
+
+Distributed (interpkernels.distributed; launched by ``torchrun ... -m
+interpkernels train-distributed``): `module` may be latent-sharded
+(shard_latents), and `data_parallel_group` runs it under
+DistributedDataParallel over that group, each rank on its own batches; both
+together make a 2-D mesh. ``TrainHistory.bytes_gathered`` / ``bytes_reduced``
+give the bytes one step moved through collectives on this rank.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class TrainHistory:
     l0: list[float] = field(default_factory=list)
     tokens_per_second: list[float] = field(default_factory=list)
     dead_latents: list[int] = field(default_factory=list)
+    bytes_gathered: list[int] = field(default_factory=list)  # this rank, in the logged step
+    bytes_reduced: list[int] = field(default_factory=list)
 
 
 class DeadLatentCounter:
@@ -50,11 +59,18 @@ class DeadLatentCounter:
     def __init__(self, num_latents: int, device: torch.device):
         self.tokens_since_fired = torch.zeros(num_latents, dtype=torch.int64, device=device)
 
-    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
-        fired = torch.zeros_like(self.tokens_since_fired).scatter_reduce_(
-            0, indices.reshape(-1), (values.reshape(-1) > 0).long(), reduce="amax")
+    def update(self, values: torch.Tensor, indices: torch.Tensor, data_parallel_group=None) -> int:
+        """Count one batch's code; with `data_parallel_group`, the batches of
+        all its ranks (equal sizes), so every rank agrees on the dead latents.
+        Returns the bytes all-reduced (0 without a group)."""
+        fired = torch.zeros(self.tokens_since_fired.shape, dtype=torch.uint8, device=indices.device).scatter_reduce_(
+            0, indices.reshape(-1), (values.reshape(-1) > 0).to(torch.uint8), reduce="amax")
         tokens = values.numel() // values.shape[-1]
+        if data_parallel_group is not None:
+            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX, group=data_parallel_group)
+            tokens *= torch.distributed.get_world_size(data_parallel_group)
         self.tokens_since_fired = torch.where(fired > 0, 0, self.tokens_since_fired + tokens)
+        return fired.numel() if data_parallel_group is not None else 0
 
     def dead_mask(self, dead_after_tokens: int) -> torch.Tensor:
         return self.tokens_since_fired >= dead_after_tokens
@@ -159,15 +175,26 @@ def train(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1000,
     progress: bool = True,
+    data_parallel_group: torch.distributed.ProcessGroup | None = None,
 ) -> TrainHistory:
     """Train `module` for `steps` batches with Adam; returns the logged history.
 
     autocast_dtype: e.g. torch.bfloat16 to run the ops under torch.autocast
     (parameters stay float32). sparsity_coefficient weighs a JumpReLUSAE's L0.
     log_every: steps between the entries of the history. progress: show a
-    :class:`ProgressDisplay` on stderr.
+    :class:`ProgressDisplay` on stderr. data_parallel_group: train under
+    DistributedDataParallel over this process group (gradients averaged, so
+    the step is that of the mean of the ranks' losses); only its rank 0
+    writes checkpoints (a latent-sharded module: one shard per latent rank).
     """
     parameters = [p for p in module.parameters() if p.requires_grad]
+    model = module
+    gradient_bytes = 0
+    if data_parallel_group is not None:
+        model = torch.nn.parallel.DistributedDataParallel(module, process_group=data_parallel_group)
+        gradient_bytes = sum(p.numel() * p.element_size() for p in parameters)
+    writes_checkpoints = data_parallel_group is None or torch.distributed.get_rank(data_parallel_group) == 0
+    communication = getattr(module, "communication", None)
     optimizer = torch.optim.Adam(parameters, lr=lr or default_learning_rate(module.num_latents))
     device = next(module.parameters()).device
     dead = DeadLatentCounter(module.num_latents, device)
@@ -177,12 +204,14 @@ def train(
     batch_iter = iter(batches)
     for step in range(1, steps + 1):
         x, target = _split(next(batch_iter))
+        if communication is not None:
+            communication.reset()  # the history reports one step's bytes
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             # AuxK costs a second encoder pass: run it once the last history check
             # found dead latents. Only that step-counted check decides, never the
             # timed display, so a run does not depend on how fast it ran.
             any_dead = bool(history.dead_latents) and history.dead_latents[-1] > 0
-            out = module(x, target, dead_mask=dead.dead_mask(dead_after_tokens) if any_dead else None)
+            out = model(x, target, dead_mask=dead.dead_mask(dead_after_tokens) if any_dead else None)
         loss = out.fvu + auxk_coefficient * out.auxk_loss
         if isinstance(module, JumpReLUSAE):
             loss = loss + sparsity_coefficient * out.l0
@@ -193,7 +222,7 @@ def train(
         optimizer.step()
         if normalize_decoder and module.normalizes_decoder:
             module.normalize_decoder_()
-        dead.update(out.values.detach(), out.indices)
+        dead_mask_bytes = dead.update(out.values.detach(), out.indices, data_parallel_group)
         tokens = x.numel() // x.shape[-1]
         tokens_since_log += tokens
         if display is not None:
@@ -211,12 +240,15 @@ def train(
             history.l0.append(l0)
             history.tokens_per_second.append(tokens_since_log / elapsed)
             history.dead_latents.append(dead_latents)
+            history.bytes_gathered.append(communication.gathered if communication is not None else 0)
+            history.bytes_reduced.append((communication.reduced if communication is not None else 0)
+                                         + gradient_bytes + dead_mask_bytes)
             started, tokens_since_log = time.perf_counter(), 0
         if showing:
             display.show(step, fvu, l0, dead_latents)
-        if checkpoint_dir is not None and step % checkpoint_every == 0:
+        if checkpoint_dir is not None and step % checkpoint_every == 0 and writes_checkpoints:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            module.save(Path(checkpoint_dir) / f"step_{step}.safetensors")
+            module.save(Path(checkpoint_dir) / f"step_{step}{module.checkpoint_suffix}")
     if display is not None:
         display.close()
     return history

@@ -48,17 +48,29 @@ def batch_topk_encode(
     """
     v.require_tensor("W_enc", W_enc)
     num_latents = W_enc.shape[0] if W_enc.dim() == 2 else 0
+    max_per_row = resolve_max_per_row(k, max_per_row, num_latents)
+    values, indices = topk_encode(x, W_enc, b_enc, max_per_row, pre_bias=pre_bias, latent_mask=latent_mask,
+                                  backend=backend)
+    return keep_batch_top(values, k), indices
+
+
+def resolve_max_per_row(k: int, max_per_row: int | None, num_latents: int) -> int:
+    """The candidates kept per row: `max_per_row` checked (k <= it <= M), or its default."""
     k = v.require_count("k", k, 1, max(num_latents, 1), "M")
     if max_per_row is None:
         max_per_row = default_max_per_row(k, num_latents)
-    max_per_row = v.require_count("max_per_row", max_per_row, k, max(num_latents, k), "M")
-    values, indices = topk_encode(x, W_enc, b_enc, max_per_row, pre_bias=pre_bias, latent_mask=latent_mask,
-                                  backend=backend)
+    return v.require_count("max_per_row", max_per_row, k, max(num_latents, k), "M")
+
+
+def keep_batch_top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Step 2: `values [..., max_per_row]` (per-row candidates) with all but
+    the batch's N*k largest set to 0. Latent-sharded SAEs
+    (interpkernels.distributed) run it on their gathered candidates."""
     flat = values.reshape(-1)
-    budget = min(flat.numel(), k * (flat.numel() // max_per_row))
+    budget = min(flat.numel(), k * (flat.numel() // values.shape[-1]))
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.topk(budget, sorted=False).indices] = True
-    return values * keep.view_as(values), indices
+    return values * keep.view_as(values)
 
 
 def rows_at_cap(values: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ from interpkernels import _validation as v
 from interpkernels.ops.batch_topk_encode import rows_at_cap
 from interpkernels.ops.topk_encode import topk_encode
 
-__all__ = ["apply_threshold", "jumprelu_candidates", "jumprelu_encode", "jumprelu_l0", "rows_at_cap"]
+__all__ = ["apply_slot_threshold", "apply_threshold", "jumprelu_candidates", "jumprelu_encode", "jumprelu_l0",
+           "rows_at_cap", "slot_threshold_l0"]
 
 
 class _ThresholdFunction(torch.autograd.Function):
@@ -127,7 +128,15 @@ def apply_threshold(candidates: torch.Tensor, indices: torch.Tensor, threshold: 
     """JumpReLU values from a top-k code's candidates (``relu(pre)`` at
     ``indices``): 0 at or below each latent's threshold."""
     threshold = _check_threshold(threshold, bandwidth, candidates)
-    return _JumpReLU.apply(candidates, threshold[indices], bandwidth)
+    return apply_slot_threshold(candidates, threshold[indices], bandwidth)
+
+
+def apply_slot_threshold(candidates: torch.Tensor, slot_threshold: torch.Tensor,
+                         bandwidth: float = 0.001) -> torch.Tensor:
+    """apply_threshold with the thresholds already taken at the code's entries
+    (``slot_threshold`` shaped like ``candidates``): the form a latent-sharded
+    SAE uses, whose thresholds of other ranks' latents arrive per entry."""
+    return _JumpReLU.apply(candidates, slot_threshold.to(candidates.dtype), bandwidth)
 
 
 def jumprelu_l0(candidates: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor,
@@ -136,5 +145,11 @@ def jumprelu_l0(candidates: torch.Tensor, indices: torch.Tensor, threshold: torc
     straight-through threshold gradient: a JumpReLU SAE's sparsity penalty.
     ``candidates, indices``: the topk_encode code the JumpReLU code came from."""
     threshold = _check_threshold(threshold, bandwidth, candidates)
-    step = _StepL0.apply(candidates, threshold[indices], bandwidth)
+    return slot_threshold_l0(candidates, threshold[indices], bandwidth)
+
+
+def slot_threshold_l0(candidates: torch.Tensor, slot_threshold: torch.Tensor,
+                      bandwidth: float = 0.001) -> torch.Tensor:
+    """jumprelu_l0 with the thresholds taken at the code's entries (as apply_slot_threshold)."""
+    step = _StepL0.apply(candidates, slot_threshold.to(candidates.dtype), bandwidth)
     return step.sum(-1).mean()

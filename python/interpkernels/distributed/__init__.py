@@ -1,0 +1,10 @@
+"""Scaling out on torch.distributed: latent-sharded coders, checkpoints across
+world sizes, and the ``python -m interpkernels train-distributed`` launcher
+(docs/OPS.md, "Distributed")."""
+
+from interpkernels.distributed.checkpoint import load_checkpoint, load_sharded_checkpoint, save_checkpoint
+from interpkernels.distributed.collectives import CommunicationCounter
+from interpkernels.distributed.sharded import LatentShardedCoder, shard_bounds, shard_latents
+
+__all__ = ["CommunicationCounter", "LatentShardedCoder", "load_checkpoint", "load_sharded_checkpoint",
+           "save_checkpoint", "shard_bounds", "shard_latents"]
