@@ -103,4 +103,15 @@ void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tens
   check_indices_in_range(indices, num_latents, "indices");
 }
 
+void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G) {
+  TORCH_CHECK_VALUE(h.dim() == 3 && B.dim() == 3 && G.dim() == 3 && B.size(0) == h.size(1) && B.size(1) == h.size(2) &&
+                        G.size(0) == h.size(0) && G.size(2) == B.size(2),
+                    "component_attribution: expected h [N, C, m], B [C, m, d], G [N, O, d], got ", h.sizes(), ", ",
+                    B.sizes(), ", ", G.sizes());
+  check_same_dtype(h, B, "B");
+  check_same_dtype(h, G, "G");
+  check_on_device(B, h.device(), "B");
+  check_on_device(G, h.device(), "G");
+}
+
 }  // namespace interpkernels

@@ -34,4 +34,7 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const 
 void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& dense,
                                         int64_t num_latents);
 
+// component_attribution's h [N, C, m], B [C, m, d], G [N, O, d]: one dtype, one device.
+void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G);
+
 }  // namespace interpkernels
