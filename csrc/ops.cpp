@@ -37,4 +37,9 @@ TORCH_LIBRARY(interpkernels, m) {
   // activations h [N, C, m], components B [C, m, d] and output-Jacobian rows
   // G [N, O, d]; rank 1 is m = 1.
   m.def("component_attribution(Tensor h, Tensor B, Tensor G) -> Tensor");
+  // out [N, d_out] = (h * mask) @ U + delta_mask[:, None] * (x @ W_delta^T) + bias for
+  // x [N, d_in], h and mask [N, C], U [C, d_out], W_delta [d_out, d_in], delta_mask [N]:
+  // SPD's masked forward (delta_mask without W_delta is refused).
+  m.def("masked_component_forward(Tensor x, Tensor h, Tensor mask, Tensor U, Tensor? W_delta, "
+        "Tensor? delta_mask, Tensor? bias) -> Tensor");
 }
