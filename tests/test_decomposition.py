@@ -211,3 +211,30 @@ def test_layer_components_forward_modes_agree_with_the_target():
     torch.testing.assert_close(rank_m.component_weights().sum(0), rank_m.weight(), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="target: expected an nn.Linear"):
         LinearComponents(nn.ReLU(), 3)
+
+
+# ---- the APD step ----
+
+
+def test_apd_attributions_through_two_layers_match_one_backward_per_output():
+    """Each layer's G sees the outputs through the layers after it (APD's loop, in float64)."""
+    from interpkernels.decomposition import apd_attributions
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 5)).double()
+    generator = torch.Generator().manual_seed(4)
+    layers = {name: LinearComponents(model.get_submodule(name), 6, generator=generator) for name in ("0", "2")}
+    x = torch.randn(7, 4, dtype=torch.float64)
+    attributions, target_out = apd_attributions(model, layers, x)
+    # the oracle: the target run by hand, one backward per output, both layers' terms added
+    y0 = model[0](x).requires_grad_()
+    y2 = model[2](torch.tanh(y0))
+    out = y2
+    expected = torch.zeros(7, 6, dtype=torch.float64)
+    for o in range(5):
+        g0, g2 = torch.autograd.grad(out[:, o].sum(), [y0, y2], retain_graph=True)
+        for layer, layer_input, g in ((layers["0"], x, g0), (layers["2"], torch.tanh(y0).detach(), g2)):
+            h = layer.component_acts(layer_input).detach()
+            expected += (h * (g @ layer.U.detach().T)).square()
+    torch.testing.assert_close(attributions, expected)
+    torch.testing.assert_close(target_out, model(x))

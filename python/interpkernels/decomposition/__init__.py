@@ -11,12 +11,13 @@ from interpkernels.decomposition.losses import (
     stochastic_masks,
 )
 from interpkernels.decomposition.selection import batch_topk_components, component_forward, topk_components
-from interpkernels.decomposition.train import APDConfig, APDHistory, apd_losses, train_apd
+from interpkernels.decomposition.train import APDConfig, APDHistory, apd_attributions, apd_losses, train_apd
 
 __all__ = [
     "APDConfig",
     "APDHistory",
     "LinearComponents",
+    "apd_attributions",
     "apd_losses",
     "batch_topk_components",
     "component_forward",

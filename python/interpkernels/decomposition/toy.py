@@ -130,7 +130,6 @@ def plot(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents], pa
     import matplotlib.pyplot as plt
 
     W = model.hidden.weight.detach()
-    weights = layers["hidden"].component_weights().detach()  # [C, 2, 5]
     figure, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     colors = plt.cm.tab10.colors
     for i in range(W.shape[1]):
@@ -154,7 +153,6 @@ def plot(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents], pa
         figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    del weights
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--components", type=int, default=5)
     parser.add_argument("--plot", help="write the components-vs-features figure here (png)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # 2 x 5 weights: threads would only wait at barriers
     started = time.perf_counter()
     model = train_target()
     layers, before, after = decompose(model, args.components, config=APDConfig(steps=args.steps))

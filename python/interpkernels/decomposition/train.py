@@ -65,26 +65,36 @@ def _replaced_outputs(model: nn.Module, replacements: dict[str, Callable]) -> It
             handle.remove()
 
 
-def apd_losses(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, config: APDConfig,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Steps 1-5 of the module docstring for one batch ``x``: the three loss terms."""
+def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, *,
+                     probes: int | None = None, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2: ``(attributions [..., C] summed over the layers, the target's outputs)`` for batch x."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def capture(name):
         def hook(module, inputs, output):
-            leaf = output.detach().requires_grad_()
-            captured[name] = (inputs[0].detach(), leaf)
-            return leaf
+            # The first decomposed layer starts the graph; later ones stay in it, so that G of
+            # an early layer sees the outputs through the later ones.
+            y = output if output.requires_grad else output.detach().requires_grad_()
+            captured[name] = (inputs[0].detach(), y)
+            return y
         return hook
 
     with torch.enable_grad(), _replaced_outputs(model, {name: capture(name) for name in layers}):
         target_out = model(x)
-    rows = output_jacobian_rows(target_out, [captured[name][1] for name in layers], probes=config.probes,
+    rows = output_jacobian_rows(target_out, [captured[name][1] for name in layers], probes=probes,
                                 generator=generator, retain_graph=False)
     with torch.no_grad():
         attributions = sum(
             component_attribution(layer.component_acts(captured[name][0]), layer.U, G)
             for (name, layer), G in zip(layers.items(), rows))
+    return attributions, target_out.detach()
+
+
+def apd_losses(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, config: APDConfig,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Steps 1-5 of the module docstring for one batch ``x``: the three loss terms."""
+    attributions, target_out = apd_attributions(model, layers, x, probes=config.probes, generator=generator)
     if config.batch_topk:
         indices, keep = batch_topk_components(attributions, config.k)
     else:
@@ -99,7 +109,7 @@ def apd_losses(model: nn.Module, layers: dict[str, LinearComponents], x: torch.T
         topk_out = model(x)
     return {
         "faithfulness": faithfulness_loss(layers.values()),
-        "reconstruction": reconstruction_loss(topk_out, target_out.detach()),
+        "reconstruction": reconstruction_loss(topk_out, target_out),
         "simplicity": schatten_simplicity(layers.values(), active, config.schatten_p),
     }
 
