@@ -10,16 +10,19 @@
 //   gram        K = G[n]^T G[n] [d, d]; for a tile of components W = h[n] . B
 //               [tile, d], A = rowdot(W @ K, W).  O*d^2 + C*d^2 + C*m*d per token.
 // The gram way wins when d * (O + C) + C*m*d < O*C*m, i.e. for many outputs
-// and components over a narrow layer (O = 1024, C = 8192, d = 512: 1.8x fewer).
+// and components over a narrow layer (O = 4096, C = 8192, d = 512: 3.2x fewer;
+// at O = 1024 the two are about even).
 //
 // Contract. The products go through ATen GEMMs (the BLAS) in float32 (float64
 // for float64 inputs); their rounding depends on the BLAS build, on the CPU
 // and possibly on its thread count, so bits are not promised across machines:
 // float32 results are within 1e-5 (relative to the largest entry) of the
 // float64 oracle, which the tests check. Everything after the GEMMs (the
-// squares and the sums over o and r) is scalar code in a fixed order, each
-// output entry owned by one thread: on one machine, with one BLAS and thread
-// count, a call is deterministic run to run.
+// squares and the sums over o and r) is serial scalar code in a fixed order:
+// on one machine, with one BLAS and thread count, a call is deterministic run
+// to run. It is 1/d of the GEMMs' work, so it runs on the calling thread: an
+// OpenMP region per tile cost more than it saved when other processes held
+// the cores (its threads waited at barriers), while the BLAS uses every thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,7 +31,6 @@
 #include <algorithm>
 
 #include "checks.h"
-#include "cpu/parallel.h"
 
 namespace interpkernels::cpu {
 namespace {
@@ -37,7 +39,7 @@ namespace {
 // in float32): efficient for the BLAS, small beside [N, O, C].
 constexpr int64_t kRowTile = 1024;
 constexpr int64_t kColumnTile = 2048;
-// Components per reduction task: fixed, so the split never depends on threads.
+// Components per reduction task (they stay in cache while o runs).
 constexpr int64_t kComponentChunk = 256;
 
 bool gram_is_cheaper(int64_t O, int64_t C, int64_t m, int64_t d) {
@@ -53,7 +55,6 @@ void accumulate_squares(acc_t* acc, const acc_t* h, const acc_t* proj, int64_t t
                         int64_t first_token, int64_t first_c, int64_t comps, int64_t C, int64_t m) {
   const int64_t chunks = (comps + kComponentChunk - 1) / kComponentChunk;
   const int64_t proj_width = comps * m;
-#pragma omp parallel for schedule(static) if (worth_parallel(tokens * outputs * comps * m))
   for (int64_t task = 0; task < tokens * chunks; ++task) {
     const int64_t t = task / chunks, c_begin = (task % chunks) * kComponentChunk;
     const int64_t c_end = std::min(comps, c_begin + kComponentChunk);
@@ -113,7 +114,6 @@ void attribution_by_gram(acc_t* acc, const at::Tensor& h, const at::Tensor& B, c
       const acc_t* w_data = w.const_data_ptr<acc_t>();
       const acc_t* wk_data = wk.const_data_ptr<acc_t>();
       acc_t* acc_row = acc + n * C + first_c;
-#pragma omp parallel for schedule(static) if (worth_parallel(comps * d))
       for (int64_t c = 0; c < comps; ++c) {
         acc_t total = 0;
         for (int64_t j = 0; j < d; ++j) total += w_data[c * d + j] * wk_data[c * d + j];

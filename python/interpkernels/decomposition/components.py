@@ -22,9 +22,9 @@ from interpkernels.ops.masked_component_forward import masked_component_forward
 
 class LinearComponents(nn.Module):
     def __init__(self, target: nn.Linear, num_components: int, rank: int = 1, *,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, init_scale: float = 1.0) -> None:
         """Components of ``target`` (copied and frozen), initialised from ``generator``
-        (never the one that made the target): V, A ~ N(0, 1/d_in), U, B ~ N(0, 1/(C m))."""
+        (never the one that made the target): V, A ~ N(0, s^2/d_in), U, B ~ N(0, s^2/(C m)), s = init_scale."""
         super().__init__()
         if not isinstance(target, nn.Linear):
             raise TypeError(f"target: expected an nn.Linear, got {type(target).__name__}")
@@ -36,7 +36,7 @@ class LinearComponents(nn.Module):
         self.register_buffer("target_bias", None if target.bias is None else target.bias.detach().clone())
 
         def draw(*shape, scale):
-            return torch.randn(*shape, generator=generator, dtype=weight.dtype).to(weight.device) * scale
+            return torch.randn(*shape, generator=generator, dtype=weight.dtype).to(weight.device) * scale * init_scale
 
         if rank == 1:
             self.V = nn.Parameter(draw(d_in, num_components, scale=d_in**-0.5))

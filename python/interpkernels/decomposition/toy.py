@@ -107,13 +107,14 @@ def recovery(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents]
 
 
 def decompose(model: ToyModelOfSuperposition, num_components: int = 5, *, probability: float = 0.05,
-              config: APDConfig | None = None, seed: int = 1, batch: int = 256, progress: bool = True
+              config: APDConfig | None = None, seed: int = 1, batch: int = 256, init_scale: float = 1.0,
+              progress: bool = True
               ) -> tuple[dict[str, LinearComponents], Recovery, Recovery]:
     """APD on the toy: (layers, recovery before training, after). The components and data come from
     `seed`'s generator, which must differ from the target's."""
     config = config or APDConfig()
     generator = torch.Generator().manual_seed(seed)
-    layers = {name: LinearComponents(getattr(model, name), num_components, generator=generator)
+    layers = {name: LinearComponents(getattr(model, name), num_components, generator=generator, init_scale=init_scale)
               for name in ("hidden", "readout")}
     before = recovery(model, layers)
     n_features = model.hidden.weight.shape[1]
