@@ -17,6 +17,7 @@ whether those best components are all distinct.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ from torch import nn
 
 from interpkernels.decomposition.components import LinearComponents
 from interpkernels.decomposition.train import APDConfig, train_apd
+
+
+# The README's run: about the mean number of active features per token (5 x 0.05) as batch top-k.
+TOY_CONFIG = APDConfig(steps=2000, learning_rate=1e-2, k=0.25, simplicity_weight=1e-2, log_every=250)
 
 
 class ToyModelOfSuperposition(nn.Module):
@@ -47,7 +52,7 @@ def sparse_features(batch: int, n_features: int, probability: float, generator: 
     return values * (torch.rand(batch, n_features, generator=generator) < probability)
 
 
-def train_target(n_features: int = 5, n_hidden: int = 2, probability: float = 0.05, steps: int = 3000,
+def train_target(n_features: int = 5, n_hidden: int = 2, probability: float = 0.05, steps: int = 1000,
                  seed: int = 0) -> ToyModelOfSuperposition:
     """The target: tied W trained to reconstruct sparse features (its own generator, `seed`)."""
     generator = torch.Generator().manual_seed(seed)
@@ -112,7 +117,7 @@ def decompose(model: ToyModelOfSuperposition, num_components: int = 5, *, probab
               ) -> tuple[dict[str, LinearComponents], Recovery, Recovery]:
     """APD on the toy: (layers, recovery before training, after). The components and data come from
     `seed`'s generator, which must differ from the target's."""
-    config = config or APDConfig()
+    config = config or TOY_CONFIG
     generator = torch.Generator().manual_seed(seed)
     layers = {name: LinearComponents(getattr(model, name), num_components, generator=generator, init_scale=init_scale)
               for name in ("hidden", "readout")}
@@ -158,14 +163,15 @@ def plot(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents], pa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=APDConfig.steps)
+    parser.add_argument("--steps", type=int, default=TOY_CONFIG.steps)
     parser.add_argument("--components", type=int, default=5)
     parser.add_argument("--plot", help="write the components-vs-features figure here (png)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # 2 x 5 weights: threads would only wait at barriers
     started = time.perf_counter()
     model = train_target()
-    layers, before, after = decompose(model, args.components, config=APDConfig(steps=args.steps))
+    config = dataclasses.replace(TOY_CONFIG, steps=args.steps)
+    layers, before, after = decompose(model, args.components, config=config)
     print(f"before training: {before}\nafter training:  {after}\nrecovered: {after.recovered}  "
           f"({time.perf_counter() - started:.1f} s)")
     if args.plot:
