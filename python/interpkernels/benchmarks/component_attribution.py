@@ -5,8 +5,9 @@ the [N, O, C] projections.
 The per-output loop is given the same inputs: a layer output y = h @ U read by
 a linear head whose Jacobian rows are G (out[n, o] = G[n, o] . y[n]), so each of
 its O backwards does what APD's does at the layer, grad_h = G[:, o] @ U^T, and
-adds (h * grad_h)^2. N is chosen per shape so that N O C d stays near 2^34
-multiply-adds (at least 2 tokens): the CPU grid runs in minutes."""
+adds (h * grad_h)^2. N is chosen per shape so that N O C d stays near 2^32
+multiply-adds (at least 2 tokens): the CPU grid runs in minutes (the
+per-output loop dominates: each of its O backwards touches the whole [N, O, d] head)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ IMPLEMENTATIONS = {
 }
 
 
-def tokens_for(C: int, O: int, d: int, budget: float = 2.0**34) -> int:
+def tokens_for(C: int, O: int, d: int, budget: float = 2.0**32) -> int:
     return max(2, int(budget // (O * C * d)))
 
 

@@ -37,10 +37,6 @@ class APDConfig:
     steps: int = 2000
     learning_rate: float = 1e-2
     k: float = 1.0  # components per token (batch top-k: on average over the batch)
-    # Anneal k from k_start down to k over the first k_anneal_fraction of the steps: while many
-    # components are active, all of them learn from each token, before the top-k makes them compete.
-    k_start: float | None = None
-    k_anneal_fraction: float = 0.5
     batch_topk: bool = True
     faithfulness_weight: float = 1.0
     reconstruction_weight: float = 1.0
@@ -96,9 +92,9 @@ def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: t
 
 
 def apd_losses(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, config: APDConfig,
-               generator: torch.Generator | None = None, k: float | None = None) -> dict[str, torch.Tensor]:
-    """Steps 1-5 of the module docstring for one batch ``x``: the three loss terms (``k``: config.k if None)."""
-    k = config.k if k is None else k
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Steps 1-5 of the module docstring for one batch ``x``: the three loss terms."""
+    k = config.k
     attributions, target_out = apd_attributions(model, layers, x, probes=config.probes, generator=generator)
     if config.batch_topk:
         indices, keep = batch_topk_components(attributions, k)
@@ -136,9 +132,7 @@ def train_apd(model: nn.Module, layers: dict[str, LinearComponents], batches: Ca
         # Cosine decay to 10%: the top-k selection settles while the learning rate falls.
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * (0.55 + 0.45 * torch.cos(torch.tensor(torch.pi * step / config.steps)).item())
-        progress_fraction = min(1.0, step / max(1.0, config.k_anneal_fraction * config.steps))
-        k = config.k if config.k_start is None else config.k_start + (config.k - config.k_start) * progress_fraction
-        terms = apd_losses(model, layers, batches(), config, generator, k)
+        terms = apd_losses(model, layers, batches(), config, generator)
         loss = (config.faithfulness_weight * terms["faithfulness"] + config.reconstruction_weight
                 * terms["reconstruction"] + config.simplicity_weight * terms["simplicity"])
         optimizer.zero_grad(set_to_none=True)
