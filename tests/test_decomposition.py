@@ -238,3 +238,26 @@ def test_apd_attributions_through_two_layers_match_one_backward_per_output():
             expected += (h * (g @ layer.U.detach().T)).square()
     torch.testing.assert_close(attributions, expected)
     torch.testing.assert_close(target_out, model(x))
+
+
+@pytest.mark.slow
+def test_masked_and_topk_forwards_compile_without_graph_breaks():
+    torch._dynamo.reset()
+    x, V, U, W_target, mask, delta_mask, bias = spd_problem(torch.float32)
+    indices = topk_components(torch.rand(5, 6), 2)
+
+    def loss(x, V, U, mask, delta_mask):
+        h = x @ V
+        spd = masked_component_forward(x, h, mask, U, W_delta=W_target - (V @ U).T, delta_mask=delta_mask, bias=bias)
+        apd = component_forward(h, U, indices, bias)
+        return spd.square().sum() + apd.square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    results = []
+    for fn in (loss, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, V, U, mask, delta_mask)]
+        value = fn(*leaves)
+        value.backward()
+        results.append([value.detach(), *(leaf.grad for leaf in leaves)])
+    for eager, compiled_result in zip(*results):
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-4, atol=1e-5)
