@@ -16,7 +16,8 @@ namespace {
 
 at::Tensor masked_component_forward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& mask,
                                     const at::Tensor& U, const std::optional<at::Tensor>& W_delta,
-                                    const std::optional<at::Tensor>& delta_mask, const std::optional<at::Tensor>& bias) {
+                                    const std::optional<at::Tensor>& delta_mask,
+                                    const std::optional<at::Tensor>& bias) {
   check_masked_component_forward_args(x, h, mask, U, W_delta, delta_mask, bias);
   const at::Tensor masked = h * mask;
   at::Tensor out = bias.has_value() ? at::addmm(*bias, masked, U) : at::mm(masked, U);

@@ -165,7 +165,8 @@ def test_compiles_without_graph_breaks():
     [
         ((torch.randn(3, 4), torch.randn(4, 5, 2, 1), torch.randn(3, 2, 1)), ValueError, "U: expected shape"),
         ((torch.randn(3, 5), torch.randn(4, 2), torch.randn(3, 2, 2)), ValueError, r"h: expected shape \[..., C\]"),
-        ((torch.randn(3, 4, 2), torch.randn(4, 3, 6), torch.randn(3, 2, 6)), ValueError, r"h: expected shape \[..., C, m\]"),
+        ((torch.randn(3, 4, 2), torch.randn(4, 3, 6), torch.randn(3, 2, 6)), ValueError,
+         r"h: expected shape \[..., C, m\]"),
         ((torch.randn(3, 4), torch.randn(4, 2), torch.randn(2, 5, 2)), ValueError, "G: expected shape"),
         ((torch.randn(3, 4), torch.randn(4, 2), torch.randn(3, 5, 3)), ValueError, "G: expected shape"),
         ((torch.randn(3, 4), torch.randn(4, 2).double(), torch.randn(3, 5, 2)), TypeError, "U: expected dtype"),

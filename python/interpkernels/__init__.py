@@ -17,7 +17,14 @@ from interpkernels._C import cpu_isa, set_cpu_isa, supported_cpu_isas
 from interpkernels import reference
 from interpkernels._backends import triton_usable
 from interpkernels._build_info import build_info as _compiled_build_info
-from interpkernels.ops import batch_topk_encode, component_attribution, jumprelu_encode, multi_target_decode, sparse_decode, topk_encode
+from interpkernels.ops import (
+    batch_topk_encode,
+    component_attribution,
+    jumprelu_encode,
+    multi_target_decode,
+    sparse_decode,
+    topk_encode,
+)
 
 __version__ = "0.1.0"
 

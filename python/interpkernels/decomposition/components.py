@@ -77,7 +77,8 @@ class LinearComponents(nn.Module):
 
     def masked_forward(self, x: torch.Tensor, mask: torch.Tensor, delta_mask: torch.Tensor | None = None
                        ) -> torch.Tensor:
-        """SPD: components scaled by ``mask [..., C]``; with ``delta_mask [...]`` the weight delta joins, scaled by it."""
+        """SPD: components scaled by ``mask [..., C]``; with ``delta_mask [...]`` the weight delta
+        joins, scaled by it."""
         return masked_component_forward(
             x, self.component_acts(x), mask, self.U,
             W_delta=None if delta_mask is None else self.weight_delta(), delta_mask=delta_mask, bias=self.target_bias)

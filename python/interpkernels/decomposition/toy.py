@@ -136,7 +136,7 @@ def plot(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents], pa
     import matplotlib.pyplot as plt
 
     W = model.hidden.weight.detach()
-    figure, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4.8))
     colors = plt.cm.tab10.colors
     for i in range(W.shape[1]):
         axes[0].arrow(0, 0, *W[:, i].tolist(), color=colors[i], width=0.01, length_includes_head=True)

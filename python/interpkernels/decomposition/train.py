@@ -16,6 +16,7 @@ whatever the numbers of outputs O and components C:
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -100,8 +101,8 @@ def apd_losses(model: nn.Module, layers: dict[str, LinearComponents], x: torch.T
         indices, keep = batch_topk_components(attributions, k)
     else:
         indices, keep = topk_components(attributions, round(k)), None
-    active = torch.zeros_like(attributions).scatter_(
-        -1, indices, torch.ones_like(indices, dtype=attributions.dtype) if keep is None else keep.to(attributions.dtype))
+    selected = torch.ones_like(indices, dtype=attributions.dtype) if keep is None else keep.to(attributions.dtype)
+    active = torch.zeros_like(attributions).scatter_(-1, indices, selected)
 
     def through_selected(name):
         return lambda module, inputs, output: layers[name].topk_forward(inputs[0], indices, keep)
@@ -131,7 +132,7 @@ def train_apd(model: nn.Module, layers: dict[str, LinearComponents], batches: Ca
     for step in range(1, config.steps + 1):
         # Cosine decay to 10%: the top-k selection settles while the learning rate falls.
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * (0.55 + 0.45 * torch.cos(torch.tensor(torch.pi * step / config.steps)).item())
+            group["lr"] = config.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / config.steps))
         terms = apd_losses(model, layers, batches(), config, generator)
         loss = (config.faithfulness_weight * terms["faithfulness"] + config.reconstruction_weight
                 * terms["reconstruction"] + config.simplicity_weight * terms["simplicity"])
@@ -148,8 +149,8 @@ def train_apd(model: nn.Module, layers: dict[str, LinearComponents], batches: Ca
             if bar is not None:
                 bar.set_postfix_str(status)
             elif progress:
-                print(f"step {step}/{config.steps}  {status}  elapsed {tqdm.format_interval(time.perf_counter() - started)}",
-                      file=sys.stderr, flush=True)
+                elapsed = tqdm.format_interval(time.perf_counter() - started)
+                print(f"step {step}/{config.steps}  {status}  elapsed {elapsed}", file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
     return history

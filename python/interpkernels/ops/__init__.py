@@ -11,4 +11,11 @@ from interpkernels.ops.multi_target_decode import multi_target_decode
 from interpkernels.ops.sparse_decode import sparse_decode
 from interpkernels.ops.topk_encode import topk_encode
 
-__all__ = ["batch_topk_encode", "component_attribution", "jumprelu_encode", "multi_target_decode", "sparse_decode", "topk_encode"]
+__all__ = [
+    "batch_topk_encode",
+    "component_attribution",
+    "jumprelu_encode",
+    "multi_target_decode",
+    "sparse_decode",
+    "topk_encode",
+]

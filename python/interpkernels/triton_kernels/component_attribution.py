@@ -40,7 +40,8 @@ def _component_attribution_kernel(
                 cols = d0 + tl.arange(0, BLOCK_D)
                 col_ok = cols < d
                 cols64 = cols.to(tl.int64)
-                g = tl.load(g_ptr + n * stride_gn + outs[:, None].to(tl.int64) * stride_go + cols64[None, :] * stride_gd,
+                outs64 = outs[:, None].to(tl.int64)
+                g = tl.load(g_ptr + n * stride_gn + outs64 * stride_go + cols64[None, :] * stride_gd,
                             mask=out_ok[:, None] & col_ok[None, :], other=0.0)
                 b = tl.load(b_ptr + comps64[None, :] * stride_bc + r * stride_br + cols64[:, None] * stride_bd,
                             mask=col_ok[:, None] & comp_ok[None, :], other=0.0)
