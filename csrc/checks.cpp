@@ -159,4 +159,49 @@ void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tens
   check_indices_in_range(indices, num_latents, "indices");
 }
 
+void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G) {
+  TORCH_CHECK_VALUE(h.dim() == 3 && B.dim() == 3 && G.dim() == 3 && B.size(0) == h.size(1) && B.size(1) == h.size(2) &&
+                        G.size(0) == h.size(0) && G.size(2) == B.size(2),
+                    "component_attribution: expected h [N, C, m], B [C, m, d], G [N, O, d], got ", h.sizes(), ", ",
+                    B.sizes(), ", ", G.sizes());
+  check_same_dtype(h, B, "B");
+  check_same_dtype(h, G, "G");
+  check_on_device(B, h.device(), "B");
+  check_on_device(G, h.device(), "G");
+}
+
+void check_masked_component_forward_args(const at::Tensor& x, const at::Tensor& h, const at::Tensor& mask,
+                                         const at::Tensor& U, const std::optional<at::Tensor>& W_delta,
+                                         const std::optional<at::Tensor>& delta_mask,
+                                         const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && h.dim() == 2 && U.dim() == 2 && h.size(0) == x.size(0) && U.size(0) == h.size(1) &&
+                        mask.sizes() == h.sizes(),
+                    "masked_component_forward: expected x [N, d_in], h and mask [N, C], U [C, d_out], got ", x.sizes(),
+                    ", ", h.sizes(), ", ", mask.sizes(), ", ", U.sizes());
+  const int64_t N = x.size(0), d_in = x.size(1), d_out = U.size(1);
+  for (const auto& [tensor, name] : {std::pair{&h, "h"}, {&mask, "mask"}, {&U, "U"}}) {
+    check_same_dtype(x, *tensor, name);
+    check_on_device(*tensor, x.device(), name);
+  }
+  TORCH_CHECK_VALUE(W_delta.has_value() || !delta_mask.has_value(), "delta_mask: given without W_delta");
+  if (W_delta.has_value()) {
+    TORCH_CHECK_VALUE(W_delta->dim() == 2 && W_delta->size(0) == d_out && W_delta->size(1) == d_in,
+                      "W_delta: expected shape [d_out, d_in] = [", d_out, ", ", d_in, "], got ", W_delta->sizes());
+    check_same_dtype(x, *W_delta, "W_delta");
+    check_on_device(*W_delta, x.device(), "W_delta");
+  }
+  if (delta_mask.has_value()) {
+    TORCH_CHECK_VALUE(delta_mask->dim() == 1 && delta_mask->size(0) == N, "delta_mask: expected shape [", N,
+                      "], got ", delta_mask->sizes());
+    check_same_dtype(x, *delta_mask, "delta_mask");
+    check_on_device(*delta_mask, x.device(), "delta_mask");
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d_out, "bias: expected shape [", d_out, "], got ",
+                      bias->sizes());
+    check_same_dtype(x, *bias, "bias");
+    check_on_device(*bias, x.device(), "bias");
+  }
+}
+
 }  // namespace interpkernels

@@ -46,4 +46,14 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const 
 void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& dense,
                                         int64_t num_latents);
 
+// component_attribution's h [N, C, m], B [C, m, d], G [N, O, d]: one dtype, one device.
+void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G);
+
+// masked_component_forward's x [N, d_in], h and mask [N, C], U [C, d_out], W_delta
+// [d_out, d_in], delta_mask [N], bias [d_out]: one dtype, one device.
+void check_masked_component_forward_args(const at::Tensor& x, const at::Tensor& h, const at::Tensor& mask,
+                                         const at::Tensor& U, const std::optional<at::Tensor>& W_delta,
+                                         const std::optional<at::Tensor>& delta_mask,
+                                         const std::optional<at::Tensor>& bias);
+
 }  // namespace interpkernels

@@ -31,4 +31,15 @@ TORCH_LIBRARY(interpkernels, m) {
   // (fvu, total_variance), 0-d float32 (float64 for float64 inputs):
   // fvu = sum ||out - y||^2 / total_variance, total_variance = sum ||y - mean(y)||^2 over rows.
   m.def("fvu(Tensor reconstruction, Tensor target) -> (Tensor fvu, Tensor total_variance)");
+
+  // ---- Parameter decomposition (APD / SPD), SPEC section 5 ----
+  // out [N, C] = sum_o (sum_r h[n,c,r] * (B[c,r] . G[n,o]))^2 for component
+  // activations h [N, C, m], components B [C, m, d] and output-Jacobian rows
+  // G [N, O, d]; rank 1 is m = 1.
+  m.def("component_attribution(Tensor h, Tensor B, Tensor G) -> Tensor");
+  // out [N, d_out] = (h * mask) @ U + delta_mask[:, None] * (x @ W_delta^T) + bias for
+  // x [N, d_in], h and mask [N, C], U [C, d_out], W_delta [d_out, d_in], delta_mask [N]:
+  // SPD's masked forward (delta_mask without W_delta is refused).
+  m.def("masked_component_forward(Tensor x, Tensor h, Tensor mask, Tensor U, Tensor? W_delta, "
+        "Tensor? delta_mask, Tensor? bias) -> Tensor");
 }

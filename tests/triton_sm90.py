@@ -13,6 +13,7 @@ from triton.compiler import ASTSource
 
 # The module, not the function of the same name that the package exports.
 encoder = importlib.import_module("interpkernels.triton_kernels.topk_encode")
+attribution = importlib.import_module("interpkernels.triton_kernels.component_attribution")
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
@@ -51,6 +52,14 @@ def tile_shapes(k_pad: int, sixteen_bit: bool) -> list[triton.Config]:
             configs.append(config)
     return configs
 
+def component_attribution_kernel(dtype: str) -> None:
+    """The launcher's largest blocks (triton_kernels/component_attribution.py)."""
+    pointer = f"*{dtype}"
+    types = dict(h_ptr=pointer, b_ptr=pointer, g_ptr=pointer, out_ptr=pointer, C="i32", m="i32", O="i32", d="i32",
+                 **{f"stride_{name}": "i32" for name in ("hn", "hc", "hr", "bc", "br", "bd", "gn", "go", "gd")})
+    constants = dict(BLOCK_C=64, BLOCK_O=64, BLOCK_D=64, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    compile_for_hopper(attribution._component_attribution_kernel, types, constants)
+
 
 def main() -> None:
     compiled = 0
@@ -68,6 +77,10 @@ def main() -> None:
     for dtype in ("fp32", "bf16", "fp16"):
         merge_kernel(dtype)
         print(f"_topk_merge_kernel {dtype}: sm_90 cubin")
+        compiled += 1
+    for dtype in ("fp32", "bf16", "fp16"):
+        component_attribution_kernel(dtype)
+        print(f"_component_attribution_kernel {dtype}: sm_90 cubin")
         compiled += 1
     print(f"{compiled} kernels compiled")
 

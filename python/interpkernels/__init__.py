@@ -17,7 +17,14 @@ from interpkernels._C import cpu_isa, index_check, set_cpu_isa, set_index_check,
 from interpkernels import reference
 from interpkernels._backends import triton_usable
 from interpkernels._build_info import build_info as _compiled_build_info
-from interpkernels.ops import batch_topk_encode, jumprelu_encode, multi_target_decode, sparse_decode, topk_encode
+from interpkernels.ops import (
+    batch_topk_encode,
+    component_attribution,
+    jumprelu_encode,
+    multi_target_decode,
+    sparse_decode,
+    topk_encode,
+)
 
 __version__ = "0.1.0"
 
@@ -54,6 +61,7 @@ def build_info() -> dict:
 __all__ = [
     "batch_topk_encode",
     "build_info",
+    "component_attribution",
     "cpu_isa",
     "index_check",
     "jumprelu_encode",

@@ -134,3 +134,20 @@ def fvu(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     target = target.reshape(-1, target.shape[-1])
     residual = reconstruction.reshape(target.shape) - target
     return residual.square().sum() / (target - target.mean(0)).square().sum()
+
+
+# ---- Parameter decomposition (APD / SPD), SPEC section 5 ----
+
+
+def component_attribution(h: torch.Tensor, U: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """APD's attribution of each token's output to each component, [..., C]:
+
+        rank 1  (h [..., C],    U [C, d]):    A[n, c] = sum_o (h[n,c] * (U[c] . G[n,o]))^2
+        rank m  (h [..., C, m], B [C, m, d]): A[n, c] = sum_o (sum_r h[n,c,r] * (B[c,r] . G[n,o]))^2
+
+    with G [..., O, d] the output-Jacobian rows at the layer (G[n, o] = d f_o / d y[n]).
+    Materializes every projection, [..., O, C, m]."""
+    B = U.unsqueeze(1) if U.dim() == 2 else U
+    h = h.unsqueeze(-1) if U.dim() == 2 else h
+    projections = torch.einsum("...od,crd->...ocr", G, B)
+    return (projections * h.unsqueeze(-3)).sum(-1).square().sum(-2)

@@ -18,7 +18,7 @@ from interpkernels import _validation as v
 
 _ops = torch.ops.interpkernels
 _OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "remove_parallel_component_",
-             "normalize_rows_", "fvu")
+             "normalize_rows_", "fvu", "component_attribution")
 
 
 class Kernels(NamedTuple):
@@ -29,6 +29,7 @@ class Kernels(NamedTuple):
     remove_parallel_component_: torch._ops.OpOverload
     normalize_rows_: torch._ops.OpOverload
     fvu: torch._ops.OpOverload
+    component_attribution: torch._ops.OpOverload
 
 
 def triton_name(name: str) -> str:
@@ -87,10 +88,15 @@ def _fvu_triton(reconstruction, target):
     return _triton_kernels().fvu(reconstruction, target)
 
 
+def _component_attribution_triton(h, B, G):
+    _check_triton_dtype(h)
+    return _triton_kernels().component_attribution(h, B, G)
+
+
 _library = torch.library.Library("interpkernels", "FRAGMENT")
 for _name, _impl in zip(_OP_NAMES, (_topk_encode_triton, _sparse_decode_triton, _gathered_dot_triton,
                                     _sparse_transpose_matmul_triton, _remove_parallel_component_triton,
-                                    _normalize_rows_triton, _fvu_triton)):
+                                    _normalize_rows_triton, _fvu_triton, _component_attribution_triton)):
     # Same schema as the C++ op, under the _triton name.
     _schema = str(getattr(_ops, _name).default._schema).split("(", 1)[1]
     _library.define(f"{triton_name(_name)}({_schema}")

@@ -5,11 +5,13 @@ Importing this package needs triton. `@triton.jit` reads TRITON_INTERPRET when a
 decorated, so set it before the first import to run the kernels on CPU tensors.
 """
 
+from .component_attribution import component_attribution
 from .sae_training import fvu, normalize_rows_, remove_parallel_component_
 from .sparse_decode import gathered_dot, group_by_latent, sparse_decode, sparse_transpose_matmul
 from .topk_encode import topk_encode
 
 __all__ = [
+    "component_attribution",
     "fvu",
     "gathered_dot",
     "group_by_latent",

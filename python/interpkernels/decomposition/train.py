@@ -1,0 +1,156 @@
+"""APD training of LinearComponents attached to a frozen target model.
+
+One step (Braun et al. 2025), with a constant number of backward calls,
+whatever the numbers of outputs O and components C:
+  1. the target runs once; hooks capture each decomposed layer's input x_l and
+     make its output y_l a leaf, and output_jacobian_rows takes G_l for every
+     layer in one batched backward (or P random probes: ``probes``);
+  2. attributions A[n, c] = sum_l component_attribution(h_l, U_l, G_l);
+  3. the top-k (per token) or batch top-k components by A are selected;
+  4. the model runs again with every decomposed layer replaced by its selected
+     components (topk_forward: sparse_decode on gathered h);
+  5. loss = faithfulness * w_f + reconstruction(top-k run, target) * w_r
+            + schatten_simplicity(selected) * w_s, and one backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from interpkernels.decomposition.components import LinearComponents
+from interpkernels.decomposition.jacobian import output_jacobian_rows
+from interpkernels.decomposition.losses import faithfulness_loss, reconstruction_loss, schatten_simplicity
+from interpkernels.decomposition.selection import batch_topk_components, topk_components
+from interpkernels.ops.component_attribution import component_attribution
+
+
+@dataclass
+class APDConfig:
+    steps: int = 2000
+    learning_rate: float = 1e-2
+    k: float = 1.0  # components per token (batch top-k: on average over the batch)
+    batch_topk: bool = True
+    faithfulness_weight: float = 1.0
+    reconstruction_weight: float = 1.0
+    simplicity_weight: float = 1e-2
+    schatten_p: float = 0.9
+    probes: int | None = None  # None: exact output-Jacobian rows; P: random-probe estimate
+    log_every: int = 100
+
+
+@dataclass
+class APDHistory:
+    step: list[int] = field(default_factory=list)
+    faithfulness: list[float] = field(default_factory=list)
+    reconstruction: list[float] = field(default_factory=list)
+    simplicity: list[float] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _replaced_outputs(model: nn.Module, replacements: dict[str, Callable]) -> Iterator[None]:
+    """Forward hooks on the named submodules; each hook's return value becomes the module's output."""
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in replacements.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, *,
+                     probes: int | None = None, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2: ``(attributions [..., C] summed over the layers, the target's outputs)`` for batch x."""
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def capture(name):
+        def hook(module, inputs, output):
+            # The first decomposed layer starts the graph; later ones stay in it, so that G of
+            # an early layer sees the outputs through the later ones.
+            y = output if output.requires_grad else output.detach().requires_grad_()
+            captured[name] = (inputs[0].detach(), y)
+            return y
+        return hook
+
+    with torch.enable_grad(), _replaced_outputs(model, {name: capture(name) for name in layers}):
+        target_out = model(x)
+    rows = output_jacobian_rows(target_out, [captured[name][1] for name in layers], probes=probes,
+                                generator=generator, retain_graph=False)
+    with torch.no_grad():
+        attributions = sum(
+            component_attribution(layer.component_acts(captured[name][0]), layer.U, G)
+            for (name, layer), G in zip(layers.items(), rows))
+    return attributions, target_out.detach()
+
+
+def apd_losses(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, config: APDConfig,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Steps 1-5 of the module docstring for one batch ``x``: the three loss terms."""
+    k = config.k
+    attributions, target_out = apd_attributions(model, layers, x, probes=config.probes, generator=generator)
+    if config.batch_topk:
+        indices, keep = batch_topk_components(attributions, k)
+    else:
+        indices, keep = topk_components(attributions, round(k)), None
+    selected = torch.ones_like(indices, dtype=attributions.dtype) if keep is None else keep.to(attributions.dtype)
+    active = torch.zeros_like(attributions).scatter_(-1, indices, selected)
+
+    def through_selected(name):
+        return lambda module, inputs, output: layers[name].topk_forward(inputs[0], indices, keep)
+
+    with _replaced_outputs(model, {name: through_selected(name) for name in layers}):
+        topk_out = model(x)
+    return {
+        "faithfulness": faithfulness_loss(layers.values()),
+        "reconstruction": reconstruction_loss(topk_out, target_out),
+        "simplicity": schatten_simplicity(layers.values(), active, config.schatten_p),
+    }
+
+
+def train_apd(model: nn.Module, layers: dict[str, LinearComponents], batches: Callable[[], torch.Tensor],
+              config: APDConfig, *, generator: torch.Generator | None = None, progress: bool = True) -> APDHistory:
+    """Trains the components of ``layers`` (submodule name -> LinearComponents) against the frozen
+    ``model``, one ``batches()`` batch per step, with Adam. A tqdm bar on a terminal, plain lines
+    every ``log_every`` steps elsewhere (progress=False: silent)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    parameters = [p for layer in layers.values() for p in layer.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
+    history = APDHistory()
+    bar = tqdm(total=config.steps, unit="step", file=sys.stderr, dynamic_ncols=True) \
+        if progress and sys.stderr.isatty() else None
+    started = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        # Cosine decay to 10%: the top-k selection settles while the learning rate falls.
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / config.steps))
+        terms = apd_losses(model, layers, batches(), config, generator)
+        loss = (config.faithfulness_weight * terms["faithfulness"] + config.reconstruction_weight
+                * terms["reconstruction"] + config.simplicity_weight * terms["simplicity"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if bar is not None:
+            bar.update()
+        if step % config.log_every == 0 or step == config.steps:
+            history.step.append(step)
+            for name in ("faithfulness", "reconstruction", "simplicity"):
+                getattr(history, name).append(terms[name].item())
+            status = "  ".join(f"{name} {terms[name].item():.3g}" for name in terms)
+            if bar is not None:
+                bar.set_postfix_str(status)
+            elif progress:
+                elapsed = tqdm.format_interval(time.perf_counter() - started)
+                print(f"step {step}/{config.steps}  {status}  elapsed {elapsed}", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
+    return history

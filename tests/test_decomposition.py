@@ -1,0 +1,263 @@
+"""interpkernels.decomposition: the top-k component forward against dense
+formulas (values, grad_V, grad_x, grad_U), SPD's masked forward op (opcheck,
+gradcheck, SPEC backward), the Schatten simplicity, the batched output
+Jacobian and its random-probe estimate, and LinearComponents."""
+
+import pytest
+import torch
+from torch import nn
+
+import interpkernels
+from interpkernels.decomposition import (
+    LinearComponents,
+    batch_topk_components,
+    component_forward,
+    output_jacobian_rows,
+    schatten_simplicity,
+    stochastic_masks,
+    topk_components,
+)
+from interpkernels.ops.masked_component_forward import masked_component_forward
+
+ops = torch.ops.interpkernels
+
+
+# ---- top-k component forward ----
+
+
+def dense_topk_forward(x, V, U, bias, mask):
+    """y = ((x @ V) * mask) @ U + bias with mask [N, C] in {0, 1}: the definition."""
+    return ((x @ V) * mask) @ U + bias
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_topk_forward_and_gradients_match_dense(batch):
+    N, d_in, C, d_out, k = 11, 7, 13, 5, 3
+    x, V, U, bias = torch.randn(N, d_in), torch.randn(d_in, C), torch.randn(C, d_out), torch.randn(d_out)
+    attributions = torch.rand(N, C)
+    if batch:
+        indices, keep = batch_topk_components(attributions, 2.5)
+        assert keep.sum() == round(2.5 * N)
+    else:
+        indices, keep = topk_components(attributions, k), None
+    mask = torch.zeros(N, C).scatter_(1, indices, 1.0 if keep is None else keep.float())
+    results = []
+    for run in ("ours", "dense"):
+        leaves = [t.clone().requires_grad_() for t in (x, V, U, bias)]
+        lx, lV, lU, lb = leaves
+        if run == "ours":
+            out = component_forward(lx @ lV, lU, indices, lb, keep=keep)
+        else:
+            out = dense_topk_forward(lx, lV, lU, lb, mask)
+        grad_out = torch.randn_like(out, generator=torch.Generator().manual_seed(3))
+        out.backward(grad_out)
+        results.append([out.detach(), *(leaf.grad for leaf in leaves)])
+    for ours, dense in zip(*results):  # out, grad_x, grad_V, grad_U, grad_bias
+        torch.testing.assert_close(ours, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_topk_is_the_largest_entries_of_the_batch():
+    attributions = torch.rand(9, 20)
+    indices, keep = batch_topk_components(attributions, 2.0, max_per_row=20)
+    chosen = attributions.gather(1, indices)[keep]
+    threshold = attributions.flatten().topk(18).values.min()
+    assert chosen.numel() == 18 and bool((chosen >= threshold).all())
+
+
+def test_rank_m_topk_forward_matches_dense():
+    N, d_in, C, m, d_out = 6, 5, 7, 3, 4
+    x, A, B = torch.randn(N, d_in), torch.randn(C, d_in, m), torch.randn(C, m, d_out)
+    indices = topk_components(torch.rand(N, C), 2)
+    mask = torch.zeros(N, C).scatter_(1, indices, 1.0)
+    h = torch.einsum("ni,cim->ncm", x, A)
+    torch.testing.assert_close(component_forward(h, B, indices),
+                               torch.einsum("ncm,cmo->no", h * mask[..., None], B), rtol=1e-5, atol=1e-5)
+
+
+def test_selection_bad_inputs():
+    with pytest.raises(ValueError, match="k: expected"):
+        topk_components(torch.rand(3, 4), 5)
+    with pytest.raises(ValueError, match="k: expected a number"):
+        batch_topk_components(torch.rand(3, 4), 0)
+    with pytest.raises(IndexError, match="indices"):
+        component_forward(torch.randn(3, 4), torch.randn(4, 2), torch.full((3, 1), 4))
+    with pytest.raises(ValueError, match="h: expected shape"):
+        component_forward(torch.randn(3, 5), torch.randn(4, 2), torch.zeros(3, 1, dtype=torch.long))
+
+
+# ---- SPD masked forward ----
+
+
+def spd_problem(dtype=torch.float64, N=5, d_in=4, C=6, d_out=3):
+    g = torch.Generator().manual_seed(7)
+    x, V, U = (torch.randn(*s, generator=g, dtype=dtype) for s in ((N, d_in), (d_in, C), (C, d_out)))
+    W_target = torch.randn(d_out, d_in, generator=g, dtype=dtype)
+    mask, delta_mask, bias = (torch.rand(*s, generator=g, dtype=dtype) for s in ((N, C), (N,), (d_out,)))
+    return x, V, U, W_target, mask, delta_mask, bias
+
+
+def test_masked_forward_matches_definition():
+    x, V, U, W_target, mask, delta_mask, bias = spd_problem(torch.float32)
+    W_delta = W_target - (V @ U).T
+    out = masked_component_forward(x, x @ V, mask, U, W_delta=W_delta, delta_mask=delta_mask, bias=bias)
+    expected = ((x @ V) * mask) @ U + delta_mask[:, None] * (x @ W_delta.T) + bias
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # all-ones masks and the delta give back the target layer exactly
+    full = masked_component_forward(x, x @ V, torch.ones_like(mask), U, W_delta=W_delta,
+                                    delta_mask=torch.ones_like(delta_mask), bias=bias)
+    torch.testing.assert_close(full, x @ W_target.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_forward_gradcheck_and_rank_m():
+    x, V, U, W_target, mask, delta_mask, bias = spd_problem()
+    W_delta = W_target - (V @ U).T
+    inputs = [t.clone().requires_grad_() for t in (x, x @ V, mask, U, W_delta, delta_mask, bias)]
+
+    def fn(x, h, mask, U, W_delta, delta_mask, bias):
+        return masked_component_forward(x, h, mask, U, W_delta=W_delta, delta_mask=delta_mask, bias=bias)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    h, B, mask3 = torch.randn(5, 6, 2, dtype=torch.float64), torch.randn(6, 2, 3, dtype=torch.float64), mask
+    torch.testing.assert_close(masked_component_forward(x, h, mask3, B),
+                               torch.einsum("ncm,cmo->no", h * mask3[..., None], B))
+
+
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_masked_forward_opcheck(with_delta):
+    x, V, U, W_target, mask, delta_mask, bias = spd_problem(torch.float32)
+    W_delta = (W_target - (V @ U).T) if with_delta else None
+    args = (x.requires_grad_(), (x @ V).detach().requires_grad_(), mask.requires_grad_(), U.requires_grad_(),
+            W_delta.detach().requires_grad_() if with_delta else None, delta_mask if with_delta else None, bias)
+    torch.library.opcheck(ops.masked_component_forward.default, args)
+
+
+def test_masked_forward_bad_inputs():
+    x, V, U, W_target, mask, delta_mask, bias = spd_problem(torch.float32)
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        masked_component_forward(x, x @ V, mask[:, :2], U)
+    with pytest.raises(ValueError, match="delta_mask: given without W_delta"):
+        masked_component_forward(x, x @ V, mask, U, delta_mask=delta_mask)
+    with pytest.raises(TypeError, match="U: expected dtype"):
+        masked_component_forward(x, x @ V, mask, U.double())
+    with pytest.raises(ValueError, match="W_delta: expected shape"):
+        ops.masked_component_forward(x, x @ V, mask, U, W_target.T.contiguous(), None, None)
+
+
+def test_schatten_simplicity_rank_one_is_product_of_norms():
+    layer = LinearComponents(nn.Linear(4, 3), 5, generator=torch.Generator().manual_seed(2))
+    active = (torch.rand(7, 5) < 0.5).float()
+    sigma = layer.V.norm(dim=0) * layer.U.norm(dim=1)  # the one singular value of U[c] (x) V[:, c]
+    singular = torch.stack([torch.linalg.svdvals(w)[0] for w in layer.component_weights()])
+    torch.testing.assert_close(sigma, singular, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(schatten_simplicity([layer], active, 0.9), (active @ sigma.pow(0.9)).mean(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_stochastic_masks_keep_important_components():
+    importance = torch.tensor([[1.0, 0.0, 0.5]]).expand(1000, 3)
+    masks = stochastic_masks(importance, generator=torch.Generator().manual_seed(0))
+    assert bool((masks[:, 0] == 1).all()) and bool(((masks >= importance) & (masks <= 1)).all())
+    assert abs(masks[:, 1].mean().item() - 0.5) < 0.05
+
+
+# ---- G: batched output Jacobian ----
+
+
+def small_model(d=4, O=6):
+    g = torch.Generator().manual_seed(5)
+    first, second = torch.randn(d, 3, generator=g), torch.randn(O, d, generator=g)
+    return first, second
+
+
+def test_output_jacobian_rows_equal_one_backward_per_output():
+    first, second = small_model()
+    x = torch.randn(2, 3, 3)
+    y = (x @ first.T).requires_grad_()
+    out = torch.tanh(y) @ second.T  # [2, 3, O]
+    (G,) = output_jacobian_rows(out, [y])
+    assert G.shape == (2, 3, 6, 4)
+    for o in range(6):  # APD's loop: one backward of out[..., o].sum() per output
+        (grad,) = torch.autograd.grad(out[..., o].sum(), y, retain_graph=True)
+        torch.testing.assert_close(G[..., o, :], grad)
+
+
+def test_probe_estimate_is_unbiased_for_the_attributions():
+    first, second = small_model(d=4, O=40)
+    x = torch.randn(3, 3)
+    y = (x @ first.T).requires_grad_()
+    out = torch.tanh(y) @ second.T
+    h, U = torch.randn(3, 5), torch.randn(5, 4)
+    (G,) = output_jacobian_rows(out, [y])
+    exact = interpkernels.component_attribution(h, U, G)
+    (G_probe,) = output_jacobian_rows(out, [y], probes=4000, generator=torch.Generator().manual_seed(0))
+    estimate = interpkernels.component_attribution(h, U, G_probe)
+    assert G_probe.shape == (3, 4000, 4)
+    # relative standard deviation <= sqrt(2 / P) = 0.022 per entry: 5 sigma
+    torch.testing.assert_close(estimate, exact, rtol=0.12, atol=0)
+
+
+def test_layer_components_forward_modes_agree_with_the_target():
+    target = nn.Linear(6, 4)
+    layer = LinearComponents(target, 3, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 6)
+    all_components = torch.ones(5, 3)
+    torch.testing.assert_close(layer.masked_forward(x, all_components), layer(x))
+    torch.testing.assert_close(layer.masked_forward(x, all_components, torch.ones(5)), target(x), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(layer.topk_forward(x, torch.arange(3).expand(5, 3)), layer(x), rtol=1e-5, atol=1e-5)
+    rank_m = LinearComponents(target, 3, rank=2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rank_m(x), x @ rank_m.weight().T + target.bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rank_m.component_weights().sum(0), rank_m.weight(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="target: expected an nn.Linear"):
+        LinearComponents(nn.ReLU(), 3)
+
+
+# ---- the APD step ----
+
+
+def test_apd_attributions_through_two_layers_match_one_backward_per_output():
+    """Each layer's G sees the outputs through the layers after it (APD's loop, in float64)."""
+    from interpkernels.decomposition import apd_attributions
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 5)).double()
+    generator = torch.Generator().manual_seed(4)
+    layers = {name: LinearComponents(model.get_submodule(name), 6, generator=generator) for name in ("0", "2")}
+    x = torch.randn(7, 4, dtype=torch.float64)
+    attributions, target_out = apd_attributions(model, layers, x)
+    # the oracle: the target run by hand, one backward per output, both layers' terms added
+    y0 = model[0](x).requires_grad_()
+    y2 = model[2](torch.tanh(y0))
+    out = y2
+    expected = torch.zeros(7, 6, dtype=torch.float64)
+    for o in range(5):
+        g0, g2 = torch.autograd.grad(out[:, o].sum(), [y0, y2], retain_graph=True)
+        for layer, layer_input, g in ((layers["0"], x, g0), (layers["2"], torch.tanh(y0).detach(), g2)):
+            h = layer.component_acts(layer_input).detach()
+            expected += (h * (g @ layer.U.detach().T)).square()
+    torch.testing.assert_close(attributions, expected)
+    torch.testing.assert_close(target_out, model(x))
+
+
+@pytest.mark.slow
+def test_masked_and_topk_forwards_compile_without_graph_breaks():
+    torch._dynamo.reset()
+    x, V, U, W_target, mask, delta_mask, bias = spd_problem(torch.float32)
+    indices = topk_components(torch.rand(5, 6), 2)
+
+    def loss(x, V, U, mask, delta_mask):
+        h = x @ V
+        spd = masked_component_forward(x, h, mask, U, W_delta=W_target - (V @ U).T, delta_mask=delta_mask, bias=bias)
+        apd = component_forward(h, U, indices, bias)
+        return spd.square().sum() + apd.square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    results = []
+    for fn in (loss, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, V, U, mask, delta_mask)]
+        value = fn(*leaves)
+        value.backward()
+        results.append([value.detach(), *(leaf.grad for leaf in leaves)])
+    for eager, compiled_result in zip(*results):
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-4, atol=1e-5)
