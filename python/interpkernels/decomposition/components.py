@@ -82,3 +82,34 @@ class LinearComponents(nn.Module):
         return masked_component_forward(
             x, self.component_acts(x), mask, self.U,
             W_delta=None if delta_mask is None else self.weight_delta(), delta_mask=delta_mask, bias=self.target_bias)
+
+
+class TransposedLinearComponents(LinearComponents):
+    """The components of a layer whose target weight is the transpose of another's (tied
+    weights, as in the toy model of superposition), sharing that layer's parameters:
+    component c here is ``P_c^T``, i.e. ``V = source.U^T`` and ``U = source.V^T``
+    (rank m: A[c] = B_source[c]^T, B[c] = A_source[c]^T). Component c is then one
+    mechanism across both layers, trained once (APD and SPD decompose tied TMS this way)."""
+
+    def __init__(self, target: nn.Linear, source: LinearComponents) -> None:
+        nn.Module.__init__(self)  # no parameters of its own: V and U are views of source's
+        if not isinstance(target, nn.Linear):
+            raise TypeError(f"target: expected an nn.Linear, got {type(target).__name__}")
+        if not isinstance(source, LinearComponents):
+            raise TypeError(f"source: expected LinearComponents, got {type(source).__name__}")
+        if tuple(target.weight.shape) != tuple(source.target_weight.T.shape):
+            raise ValueError(f"target: expected a weight of shape {list(source.target_weight.T.shape)} "
+                             f"(the transpose of source's), got {list(target.weight.shape)}")
+        self.num_components, self.rank = source.num_components, source.rank
+        self.register_buffer("target_weight", target.weight.detach().clone())
+        self.register_buffer("target_bias", None if target.bias is None else target.bias.detach().clone())
+        # Not a submodule: its parameters belong to (and are trained and counted with) source.
+        object.__setattr__(self, "source", source)
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self.source.U.T if self.rank == 1 else self.source.U.transpose(1, 2)
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.source.V.T if self.rank == 1 else self.source.V.transpose(1, 2)

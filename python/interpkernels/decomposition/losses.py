@@ -8,6 +8,8 @@
                          runs masks m = g + (1 - g) r with r ~ U(0, 1) (stochastic_masks).
   simplicity             Schatten-p of the active components, summed over them and the layers,
                          mean over tokens (schatten_simplicity).
+  importance minimality  SPD's sum_l sum_c g_c,l^p, mean over tokens: as few components causally
+                         important per token as possible (importance_minimality).
 """
 
 from __future__ import annotations
@@ -57,3 +59,17 @@ def stochastic_masks(importance: torch.Tensor, *, generator: torch.Generator | N
     v.require_float("importance", importance)
     r = torch.rand(importance.shape, generator=generator, dtype=importance.dtype, device=importance.device)
     return importance + (1 - importance) * r
+
+
+def importance_minimality(importances: Iterable[torch.Tensor], p: float = 1.0) -> torch.Tensor:
+    """SPD's minimality: mean over tokens of sum_l sum_c g[n, c]^p, for each layer's causal
+    importances ``g [..., C]`` (>= 0; clamped there, since the leaky gates dip below 0)."""
+    total = None
+    for g in importances:
+        v.require_float("importances", g)
+        # (g + eps)^p: the gradient of g^p is infinite at 0 for p < 1.
+        term = (g.clamp(min=0) + 1e-12).pow(p).sum(-1).mean()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("importances: expected at least one layer's tensor, got none")
+    return total

@@ -11,6 +11,11 @@ decomposition recovers them when each is owned by one component:
 component's weights (both layers, flattened) with the mechanism's, and
 whether those best components are all distinct.
 
+The weights are tied, so are the components (TransposedLinearComponents):
+component c is P_c in ``hidden`` and P_c^T in ``readout``, as in APD's and
+SPD's own TMS runs. The README's run is SPD (TOY_CONFIG); APD (an APDConfig)
+runs on the same toy but does not recover it (README).
+
     python -m interpkernels.decomposition.toy --plot components.png
 """
 
@@ -24,12 +29,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from interpkernels.decomposition.components import LinearComponents
+from interpkernels.decomposition.components import LinearComponents, TransposedLinearComponents
+from interpkernels.decomposition.spd import CausalImportance, SPDConfig, train_spd
 from interpkernels.decomposition.train import APDConfig, train_apd
 
-
-# The README's run: about the mean number of active features per token (5 x 0.05) as batch top-k.
-TOY_CONFIG = APDConfig(steps=2000, learning_rate=1e-2, k=0.25, simplicity_weight=1e-2, log_every=250)
+# The README's run: SPD's TMS 5-2 settings (C = 20, importance weight 3e-3, p = 1, gates of 16
+# neurons, output MSE: reconstruction_loss / 5 outputs), with a larger learning rate and fewer
+# steps than SPD's 1e-3 x 40k so that it runs in about a minute on a CPU.
+TOY_CONFIG = SPDConfig(steps=4000, learning_rate=1e-2, reconstruction_weight=0.2, importance_weight=3e-3,
+                       importance_p=1.0, log_every=500)
+TOY_COMPONENTS = 20
+TOY_BATCH = 1024
 
 
 class ToyModelOfSuperposition(nn.Module):
@@ -111,50 +121,70 @@ def recovery(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents]
     return Recovery(best.values.tolist(), owners, len(set(owners)) == len(owners))
 
 
-def decompose(model: ToyModelOfSuperposition, num_components: int = 5, *, probability: float = 0.05,
-              config: APDConfig | None = None, seed: int = 1, batch: int = 256, init_scale: float = 1.0,
-              progress: bool = True
+def decompose(model: ToyModelOfSuperposition, num_components: int = TOY_COMPONENTS, *, probability: float = 0.05,
+              config: SPDConfig | APDConfig | None = None, seed: int = 1, batch: int = TOY_BATCH,
+              init_scale: float = 1.0, progress: bool = True
               ) -> tuple[dict[str, LinearComponents], Recovery, Recovery]:
-    """APD on the toy: (layers, recovery before training, after). The components and data come from
-    `seed`'s generator, which must differ from the target's."""
+    """SPD (an SPDConfig, the default TOY_CONFIG) or APD (an APDConfig) on the toy, with tied
+    components: (layers, recovery before training, after). The components, gates and data come
+    from `seed`'s generator, which must differ from the target's."""
     config = config or TOY_CONFIG
     generator = torch.Generator().manual_seed(seed)
-    layers = {name: LinearComponents(getattr(model, name), num_components, generator=generator, init_scale=init_scale)
-              for name in ("hidden", "readout")}
+    hidden = LinearComponents(model.hidden, num_components, generator=generator, init_scale=init_scale)
+    layers = {"hidden": hidden, "readout": TransposedLinearComponents(model.readout, hidden)}
     before = recovery(model, layers)
     n_features = model.hidden.weight.shape[1]
-    train_apd(model, layers, lambda: sparse_features(batch, n_features, probability, generator), config,
-              generator=generator, progress=progress)
+
+    def batches():
+        return sparse_features(batch, n_features, probability, generator)
+
+    if isinstance(config, SPDConfig):
+        gates = {name: CausalImportance(num_components, config.gate_hidden, generator=generator) for name in layers}
+        train_spd(model, layers, gates, batches, config, generator=generator, progress=progress)
+    else:
+        train_apd(model, layers, batches, config, generator=generator, progress=progress)
     return layers, before, recovery(model, layers)
 
 
 def plot(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents], path: str, title: str = "") -> None:
-    """Each true feature's column W[:, i] and each component's hidden-layer direction, in the 2-d bottleneck."""
+    """Left: each true feature's column W[:, i] (solid) and the column i of its owner's hidden-layer
+    weight (dashed), in the 2-d bottleneck. Middle: cosine(component, mechanism). Right: each
+    component's weight norm (both layers), owners in colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     W = model.hidden.weight.detach()
-    figure, axes = plt.subplots(1, 2, figsize=(9, 4.8))
+    found_recovery = recovery(model, layers)
+    owner_weights = layers["hidden"].component_weights().detach()  # [C, 2, 5]
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.1, 1, 1]})
     colors = plt.cm.tab10.colors
     for i in range(W.shape[1]):
-        axes[0].arrow(0, 0, *W[:, i].tolist(), color=colors[i], width=0.01, length_includes_head=True)
+        axes[0].arrow(0, 0, *W[:, i].tolist(), color=colors[i], width=0.012, length_includes_head=True)
+        owned = owner_weights[found_recovery.owner[i], :, i].tolist()
+        axes[0].plot([0, owned[0]], [0, owned[1]], color=colors[i], linestyle="--", linewidth=2.5, alpha=0.7)
         axes[0].annotate(f"feature {i}", W[:, i].tolist(), color=colors[i])
-    axes[0].set_title("target: W[:, i] per feature")
+    axes[0].set_title("W[:, i] (solid), owner component's column i (dashed)")
+    axes[0].set_aspect("equal")
+    limit = float(W.norm(dim=0).max()) * 1.3
+    axes[0].set_xlim(-limit, limit)
+    axes[0].set_ylim(-limit, limit)
     truth = torch.nn.functional.normalize(true_mechanisms(model), dim=1)
-    found = torch.nn.functional.normalize(component_mechanisms(layers), dim=1)
-    similarity = (found @ truth.T).numpy()
-    image = axes[1].imshow(similarity, vmin=-1, vmax=1, cmap="RdBu")
+    weights = component_mechanisms(layers)
+    similarity = (torch.nn.functional.normalize(weights, dim=1) @ truth.T).numpy()
+    image = axes[1].imshow(similarity, vmin=-1, vmax=1, cmap="RdBu", aspect="auto")
     axes[1].set_xlabel("true feature mechanism")
     axes[1].set_ylabel("component")
     axes[1].set_title("cosine(component, mechanism)")
     figure.colorbar(image, ax=axes[1])
-    for a in axes[:1]:
-        a.set_aspect("equal")
-        limit = float(W.norm(dim=0).max()) * 1.3
-        a.set_xlim(-limit, limit)
-        a.set_ylim(-limit, limit)
+    norms = weights.norm(dim=1).tolist()
+    bar_colors = ["lightgray"] * len(norms)
+    for i, c in enumerate(found_recovery.owner):
+        bar_colors[c] = colors[i]
+    axes[2].bar(range(len(norms)), norms, color=bar_colors)
+    axes[2].set_xlabel("component")
+    axes[2].set_title("component weight norm (owners coloured)")
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -164,7 +194,7 @@ def plot(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents], pa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=TOY_CONFIG.steps)
-    parser.add_argument("--components", type=int, default=5)
+    parser.add_argument("--components", type=int, default=TOY_COMPONENTS)
     parser.add_argument("--plot", help="write the components-vs-features figure here (png)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # 2 x 5 weights: threads would only wait at barriers
@@ -175,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"before training: {before}\nafter training:  {after}\nrecovered: {after.recovered}  "
           f"({time.perf_counter() - started:.1f} s)")
     if args.plot:
-        plot(model, layers, args.plot, f"APD on the toy model of superposition (seed 1), mean best cosine "
+        plot(model, layers, args.plot, f"SPD on the toy model of superposition (seed 1), mean best cosine "
              f"{before.mean_best_cosine:.2f} at init -> {after.mean_best_cosine:.2f} trained\nowners {after.owner}"
              f"{'' if after.distinct_owners else ' (shared: not recovered)'}")
 

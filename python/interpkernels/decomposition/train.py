@@ -55,6 +55,36 @@ class APDHistory:
     simplicity: list[float] = field(default_factory=list)
 
 
+class TrainingLog:
+    """Progress of a training loop: a tqdm bar on a terminal, plain lines every ``log_every``
+    steps elsewhere (``progress=False``: silent)."""
+
+    def __init__(self, steps: int, log_every: int, progress: bool = True) -> None:
+        self.steps, self.log_every, self.progress = steps, log_every, progress
+        self.bar = tqdm(total=steps, unit="step", file=sys.stderr, dynamic_ncols=True) \
+            if progress and sys.stderr.isatty() else None
+        self.started = time.perf_counter()
+
+    def update(self, step: int, terms: dict[str, torch.Tensor]) -> bool:
+        """Advances the bar; on a logging step (every log_every, and the last) shows the loss
+        terms and returns True."""
+        if self.bar is not None:
+            self.bar.update()
+        if step % self.log_every and step != self.steps:
+            return False
+        status = "  ".join(f"{name} {value.item():.3g}" for name, value in terms.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(status)
+        elif self.progress:
+            elapsed = tqdm.format_interval(time.perf_counter() - self.started)
+            print(f"step {step}/{self.steps}  {status}  elapsed {elapsed}", file=sys.stderr, flush=True)
+        return True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @contextlib.contextmanager
 def _replaced_outputs(model: nn.Module, replacements: dict[str, Callable]) -> Iterator[None]:
     """Forward hooks on the named submodules; each hook's return value becomes the module's output."""
@@ -126,9 +156,7 @@ def train_apd(model: nn.Module, layers: dict[str, LinearComponents], batches: Ca
     parameters = [p for layer in layers.values() for p in layer.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     history = APDHistory()
-    bar = tqdm(total=config.steps, unit="step", file=sys.stderr, dynamic_ncols=True) \
-        if progress and sys.stderr.isatty() else None
-    started = time.perf_counter()
+    log = TrainingLog(config.steps, config.log_every, progress)
     for step in range(1, config.steps + 1):
         # Cosine decay to 10%: the top-k selection settles while the learning rate falls.
         for group in optimizer.param_groups:
@@ -139,18 +167,9 @@ def train_apd(model: nn.Module, layers: dict[str, LinearComponents], batches: Ca
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if bar is not None:
-            bar.update()
-        if step % config.log_every == 0 or step == config.steps:
+        if log.update(step, terms):
             history.step.append(step)
             for name in ("faithfulness", "reconstruction", "simplicity"):
                 getattr(history, name).append(terms[name].item())
-            status = "  ".join(f"{name} {terms[name].item():.3g}" for name in terms)
-            if bar is not None:
-                bar.set_postfix_str(status)
-            elif progress:
-                elapsed = tqdm.format_interval(time.perf_counter() - started)
-                print(f"step {step}/{config.steps}  {status}  elapsed {elapsed}", file=sys.stderr, flush=True)
-    if bar is not None:
-        bar.close()
+    log.close()
     return history
