@@ -20,8 +20,10 @@ from interpkernels.decomposition import (
 )
 from interpkernels.decomposition.train import APDConfig
 
-# The recovery test's run: TOY_CONFIG (the README's 4000 steps) cut to fit the test budget.
+# The recovery test's run: TOY_CONFIG (the README's 4000 steps of 1024 tokens) cut to fit the
+# test budget: 2000 steps of 512 tokens at twice the learning rate.
 TEST_CONFIG = dataclasses.replace(toy.TOY_CONFIG, steps=2000, learning_rate=2e-2)
+TEST_BATCH = 512
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +99,11 @@ def test_spd_training_loop_logs_plain_lines_and_moves_toward_the_mechanisms(targ
 
 @pytest.mark.slow
 def test_spd_recovers_the_true_mechanisms(target):
-    """The README's claim at the test's budget (2000 steps, ~20 s on one idle core): from
+    """The README's claim at the test's budget (2000 steps of 512 tokens, ~10 s on one core): from
     random components that do not recover the truth (features sharing a best component)
     to every true feature owned by its own component at cosine >= 0.9, both layers
     together, with the components adding up to the target."""
-    layers, before, after = toy.decompose(target, config=TEST_CONFIG, progress=False)
+    layers, before, after = toy.decompose(target, config=TEST_CONFIG, batch=TEST_BATCH, progress=False)
     assert not before.recovered, before
     assert after.distinct_owners, after
     assert min(after.best_cosine) >= 0.9, after

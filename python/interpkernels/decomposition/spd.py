@@ -36,7 +36,7 @@ from interpkernels.decomposition.losses import (
     reconstruction_loss,
     stochastic_masks,
 )
-from interpkernels.decomposition.train import TrainingLog, _replaced_outputs
+from interpkernels.decomposition.train import _replaced_outputs, optimise
 
 
 class CausalImportance(nn.Module):
@@ -149,21 +149,12 @@ def train_spd(model: nn.Module, layers: dict[str, LinearComponents], gates: dict
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     parameters = [p for module in (*layers.values(), *gates.values()) for p in module.parameters()]
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
-    history = SPDHistory()
-    log = TrainingLog(config.steps, config.log_every, progress)
-    for step in range(1, config.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.steps))
-        terms = spd_losses(model, layers, gates, batches(), config, generator)
-        loss = (config.faithfulness_weight * terms["faithfulness"] + config.reconstruction_weight
-                * terms["reconstruction"] + config.importance_weight * terms["importance_minimality"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if log.update(step, terms):
-            history.step.append(step)
-            for name in ("faithfulness", "reconstruction", "importance_minimality"):
-                getattr(history, name).append(terms[name].item())
-    log.close()
-    return history
+    weights = {"faithfulness": config.faithfulness_weight, "reconstruction": config.reconstruction_weight,
+               "importance_minimality": config.importance_weight}
+
+    def learning_rate(step):
+        return config.learning_rate * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.steps))
+
+    return optimise(parameters, config.steps, learning_rate,
+                    lambda: spd_losses(model, layers, gates, batches(), config, generator),
+                    weights, SPDHistory(), config.log_every, progress)

@@ -154,22 +154,36 @@ def train_apd(model: nn.Module, layers: dict[str, LinearComponents], batches: Ca
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     parameters = [p for layer in layers.values() for p in layer.parameters()]
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
-    history = APDHistory()
-    log = TrainingLog(config.steps, config.log_every, progress)
-    for step in range(1, config.steps + 1):
+    weights = {"faithfulness": config.faithfulness_weight, "reconstruction": config.reconstruction_weight,
+               "simplicity": config.simplicity_weight}
+
+    def learning_rate(step):
         # Cosine decay to 10%: the top-k selection settles while the learning rate falls.
+        return config.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / config.steps))
+
+    return optimise(parameters, config.steps, learning_rate, lambda: apd_losses(model, layers, batches(), config, generator),
+                    weights, APDHistory(), config.log_every, progress)
+
+
+def optimise(parameters: list[nn.Parameter], steps: int, learning_rate: Callable[[int], float],
+             loss_terms: Callable[[], dict[str, torch.Tensor]], weights: dict[str, float], history,
+             log_every: int, progress: bool):
+    """The loop APD and SPD share: Adam over ``parameters`` for ``steps`` steps at
+    ``learning_rate(step)``, minimising sum_name weights[name] * loss_terms()[name]; on each
+    logging step the terms are appended to ``history`` (a list per term name, and ``step``)."""
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate(1))
+    log = TrainingLog(steps, log_every, progress)
+    for step in range(1, steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / config.steps))
-        terms = apd_losses(model, layers, batches(), config, generator)
-        loss = (config.faithfulness_weight * terms["faithfulness"] + config.reconstruction_weight
-                * terms["reconstruction"] + config.simplicity_weight * terms["simplicity"])
+            group["lr"] = learning_rate(step)
+        terms = loss_terms()
+        loss = sum(weight * terms[name] for name, weight in weights.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if log.update(step, terms):
             history.step.append(step)
-            for name in ("faithfulness", "reconstruction", "simplicity"):
-                getattr(history, name).append(terms[name].item())
+            for name, value in terms.items():
+                getattr(history, name).append(value.item())
     log.close()
     return history
