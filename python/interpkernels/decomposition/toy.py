@@ -176,6 +176,7 @@ def plot(model: ToyModelOfSuperposition, layers: dict[str, LinearComponents], pa
     image = axes[1].imshow(similarity, vmin=-1, vmax=1, cmap="RdBu", aspect="auto")
     axes[1].set_xlabel("true feature mechanism")
     axes[1].set_ylabel("component")
+    axes[1].set_yticks(range(0, weights.shape[0], 2))
     axes[1].set_title("cosine(component, mechanism)")
     figure.colorbar(image, ax=axes[1])
     norms = weights.norm(dim=1).tolist()
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({time.perf_counter() - started:.1f} s)")
     if args.plot:
         plot(model, layers, args.plot, f"SPD on the toy model of superposition (seed 1), mean best cosine "
-             f"{before.mean_best_cosine:.2f} at init -> {after.mean_best_cosine:.2f} trained\nowners {after.owner}"
+             f"{before.mean_best_cosine:.3f} at init -> {after.mean_best_cosine:.3f} trained "
+             f"(lowest {min(after.best_cosine):.3f})\nowners {after.owner}"
              f"{'' if after.distinct_owners else ' (shared: not recovered)'}")
 
 

@@ -161,7 +161,8 @@ def train_apd(model: nn.Module, layers: dict[str, LinearComponents], batches: Ca
         # Cosine decay to 10%: the top-k selection settles while the learning rate falls.
         return config.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / config.steps))
 
-    return optimise(parameters, config.steps, learning_rate, lambda: apd_losses(model, layers, batches(), config, generator),
+    return optimise(parameters, config.steps, learning_rate,
+                    lambda: apd_losses(model, layers, batches(), config, generator),
                     weights, APDHistory(), config.log_every, progress)
 
 
