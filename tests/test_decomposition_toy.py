@@ -12,11 +12,13 @@ from torch import nn
 from interpkernels.decomposition import (
     CausalImportance,
     LinearComponents,
+    SPDConfig,
     TransposedLinearComponents,
     importance_minimality,
     mask_importance,
     minimality_importance,
     toy,
+    train_spd,
 )
 from interpkernels.decomposition.train import APDConfig
 
@@ -74,6 +76,16 @@ def test_causal_importance_gates_and_minimality():
         gate(torch.randn(10, 5))
     with pytest.raises(ValueError, match="importances"):
         importance_minimality([])
+
+
+def test_spd_rejects_mismatched_gates_and_rank_m_components(target):
+    generator = torch.Generator().manual_seed(4)
+    layers = {"hidden": LinearComponents(target.hidden, 3, generator=generator)}
+    with pytest.raises(ValueError, match="gates"):
+        train_spd(target, layers, {}, lambda: torch.rand(4, 5), SPDConfig(steps=1))
+    rank_two = {"hidden": LinearComponents(target.hidden, 3, 2, generator=generator)}
+    with pytest.raises(ValueError, match="rank"):
+        train_spd(target, rank_two, {"hidden": CausalImportance(3)}, lambda: torch.rand(4, 5), SPDConfig(steps=1))
 
 
 def test_apd_training_loop_logs_plain_lines_and_fits_the_weights(target, capsys):

@@ -96,6 +96,9 @@ class SPDHistory:
 def causal_importances(model: nn.Module, layers: dict[str, LinearComponents], gates: dict[str, CausalImportance],
                        x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Steps 1-2: ``(z per layer [..., C], each layer's input, the target's outputs)`` for batch x."""
+    for name, layer in layers.items():
+        if layer.rank != 1:
+            raise ValueError(f"layers: CausalImportance gates rank-1 components; {name!r} has rank {layer.rank}")
     inputs: dict[str, torch.Tensor] = {}
 
     def capture(name):
@@ -105,9 +108,6 @@ def causal_importances(model: nn.Module, layers: dict[str, LinearComponents], ga
 
     with torch.no_grad(), _replaced_outputs(model, {name: capture(name) for name in layers}):
         target_out = model(x)
-    for name, layer in layers.items():
-        if layer.rank != 1:
-            raise ValueError(f"layers: CausalImportance gates rank-1 components; {name!r} has rank {layer.rank}")
     z = {name: gates[name](layer.component_acts(inputs[name])) for name, layer in layers.items()}
     return z, inputs, target_out
 
