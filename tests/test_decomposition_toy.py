@@ -111,7 +111,7 @@ def test_spd_training_loop_logs_plain_lines_and_moves_toward_the_mechanisms(targ
 
 @pytest.mark.slow
 def test_spd_recovers_the_true_mechanisms(target):
-    """The README's claim at the test's budget (2500 steps of 512 tokens, ~15 s on one core): from
+    """The README's claim at the test's budget (2500 steps of 512 tokens, ~16 s on one core): from
     random components that do not recover the truth (features sharing a best component)
     to every true feature owned by its own component at cosine >= 0.9, both layers
     together; each owner carrying its whole mechanism (weight norm within 10%, not a
