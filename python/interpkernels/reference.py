@@ -261,17 +261,31 @@ def feature_edges(
     over tokens, a coalesced sparse COO [M_dst, M_src]."""
     edges = feature_edge_scores(src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale)
     values, slots = prune_edges(edges, top_k, threshold)
-    N, k_dst, kept = values.shape
+    return sparse_edges(values, slots, src_indices, dst_indices, (W_enc_dst.shape[0], W_dec_src.shape[0]), reduce)
+
+
+def sparse_edges(
+    values: torch.Tensor,
+    src_slots: torch.Tensor,
+    src_indices: torch.Tensor,
+    dst_indices: torch.Tensor,
+    latent_shape: tuple[int, int],
+    reduce: str,
+) -> torch.Tensor:
+    """The padded per-destination edges (values, src_slots) [N, k_dst, K] as a
+    coalesced sparse COO: [..., M_dst, M_src] per token (reduce="none"), or
+    [M_dst, M_src] summed over tokens ("sum"). Slots -1 are left out."""
+    N, k_dst, _ = values.shape
     src = src_indices.reshape(N, -1).long()
-    src_latents = src.gather(1, slots.clamp_min(0).reshape(N, -1)).reshape(slots.shape)
-    dst_latents = dst_indices.reshape(N, k_dst, 1).long().expand(slots.shape)
-    survivors = slots >= 0
-    shape = (W_enc_dst.shape[0], W_dec_src.shape[0])
+    src_latents = src.gather(1, src_slots.clamp_min(0).reshape(N, -1)).reshape(src_slots.shape)
+    dst_latents = dst_indices.reshape(N, k_dst, 1).long().expand(src_slots.shape)
+    survivors = src_slots >= 0
+    latent_coordinates = [dst_latents[survivors], src_latents[survivors]]
     if reduce == "sum":
-        coordinates = torch.stack([dst_latents[survivors], src_latents[survivors]])
-        return torch.sparse_coo_tensor(coordinates, values[survivors], shape, check_invariants=False).coalesce()
-    tokens = torch.arange(N, device=values.device).view(N, 1, 1).expand(slots.shape)[survivors]
-    rows = token_coordinates(tokens, src_indices.shape[:-1])
-    coordinates = torch.stack([*rows, dst_latents[survivors], src_latents[survivors]])
-    return torch.sparse_coo_tensor(coordinates, values[survivors], (*src_indices.shape[:-1], *shape),
+        return torch.sparse_coo_tensor(torch.stack(latent_coordinates), values[survivors], latent_shape,
+                                       check_invariants=False).coalesce()
+    tokens = torch.arange(N, device=values.device).view(N, 1, 1).expand(src_slots.shape)[survivors]
+    leading = src_indices.shape[:-1]
+    coordinates = torch.stack([*token_coordinates(tokens, leading), *latent_coordinates])
+    return torch.sparse_coo_tensor(coordinates, values[survivors], (*leading, *latent_shape),
                                    check_invariants=False).coalesce()

@@ -12,6 +12,7 @@ import torch
 from interpkernels import _validation as v
 from interpkernels import reference
 from interpkernels._backends import resolve
+from interpkernels.ops._kernels import NATIVE, TRITON, Kernels, kernels
 
 
 def error_attribution(
@@ -41,5 +42,37 @@ def error_attribution(
     clean_error, patched_error, grad = v.autocast_inputs(grad.device, clean_error, patched_error, grad)
     v.require_same_dtype("grad", grad, clean_error=clean_error, patched_error=patched_error)
     backend = resolve("error_attribution", backend, grad.device)
-    # The kernels land in the next commits; until then every backend runs the reference.
-    return reference.error_attribution(clean_error, patched_error, grad)
+    if backend == "torch":
+        return reference.error_attribution(clean_error, patched_error, grad)
+    d = grad.shape[-1]
+    flat = [t.reshape(-1, d) for t in (clean_error, patched_error, grad)]
+    return kernels(backend).error_attribution(*flat).view(grad.shape[:-1])
+
+
+def _error_attribution_fake(clean_error, patched_error, grad):
+    return grad.new_empty(grad.shape[0], dtype=reference.attribution_dtype(grad.dtype))
+
+
+def _error_attribution_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _register(ops: Kernels) -> None:
+    """Fake implementation and autograd of one backend's error_attribution:
+    d out[n] / d eps_p[n] = grad[n] = -d out[n] / d eps_c[n], d out[n] / d grad[n] = eps_p[n] - eps_c[n]."""
+
+    def backward(ctx, grad_out):
+        clean_error, patched_error, grad = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        scale = grad_out.unsqueeze(-1)
+        grad_patched = (scale * grad).to(grad.dtype) if needs[0] or needs[1] else None
+        grad_clean = -grad_patched if needs[0] else None
+        grad_grad = (scale * (patched_error - clean_error)).to(grad.dtype) if needs[2] else None
+        return grad_clean, grad_patched if needs[1] else None, grad_grad
+
+    torch.library.register_fake(ops.error_attribution, _error_attribution_fake)
+    torch.library.register_autograd(ops.error_attribution, backward, setup_context=_error_attribution_setup)
+
+
+_register(NATIVE)
+_register(TRITON)

@@ -15,11 +15,14 @@ g_bar the mean of the S site gradients -- pass g_bar as `grad`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from interpkernels import _validation as v
 from interpkernels import reference
 from interpkernels._backends import resolve
+from interpkernels.ops._kernels import NATIVE, TRITON, Kernels, kernels
 
 REDUCTIONS = ("none", "sum", "mean_abs")
 
@@ -56,10 +59,33 @@ def latent_attribution(
     args = _validate(clean_values, clean_indices, patched_values, patched_indices, grad, W_dec, reduce)
     clean_values, clean_indices, patched_values, patched_indices, grad, W_dec = args
     backend = resolve("latent_attribution", backend, grad.device)
-    # The kernels land in the next commits; until then every backend runs the reference.
-    v.require_indices_in_range("clean_indices", clean_indices, W_dec.shape[0])
-    v.require_indices_in_range("patched_indices", patched_indices, W_dec.shape[0])
-    return reference.latent_attribution(*args, reduce=reduce)
+    if backend == "torch":
+        v.require_indices_in_range("clean_indices", clean_indices, W_dec.shape[0])
+        v.require_indices_in_range("patched_indices", patched_indices, W_dec.shape[0])
+        return reference.latent_attribution(*args, reduce=reduce)
+
+    N = math.prod(grad.shape[:-1])
+    union_indices, deltas, dots = kernels(backend).latent_attribution(
+        clean_values.reshape(N, -1), clean_indices.reshape(N, -1), patched_values.reshape(N, -1),
+        patched_indices.reshape(N, -1), grad.reshape(N, -1), W_dec)
+    return _reduce(deltas * dots, union_indices, W_dec.shape[0], reduce, grad.shape[:-1])
+
+
+def _reduce(scores: torch.Tensor, union_indices: torch.Tensor, num_latents: int, reduce: str,
+            leading: torch.Size) -> torch.Tensor:
+    """Per-slot scores [N, K] (0 at slots -1) in the requested output form."""
+    if reduce == "none":
+        kept = union_indices >= 0
+        tokens = kept.nonzero(as_tuple=True)[0]
+        coordinates = torch.stack([*reference.token_coordinates(tokens, leading), union_indices[kept]])
+        return torch.sparse_coo_tensor(coordinates, scores[kept], (*leading, num_latents),
+                                       check_invariants=False).coalesce()
+    contributions = (scores if reduce == "sum" else scores.abs()).reshape(-1)
+    # Slots -1 add an exact 0 to latent 0. index_put_ with accumulate=True sums
+    # serially on CPU and by a stable sort on CUDA: deterministic on both.
+    total = scores.new_zeros(num_latents).index_put_((union_indices.clamp_min(0).reshape(-1),), contributions,
+                                                      accumulate=True)
+    return total if reduce == "sum" else total / scores.shape[0]
 
 
 def _validate(clean_values, clean_indices, patched_values, patched_indices, grad, W_dec, reduce):
@@ -88,3 +114,61 @@ def _validate(clean_values, clean_indices, patched_values, patched_indices, grad
     if reduce == "mean_abs":
         v.require_rows("grad", grad)
     return clean_values, clean_indices, patched_values, patched_indices, grad, W_dec
+
+
+def _score_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return reference.attribution_dtype(tensor.dtype)
+
+
+def _latent_attribution_fake(clean_values, clean_indices, patched_values, patched_indices, grad, W_dec):
+    shape = (grad.shape[0], clean_indices.shape[1] + patched_indices.shape[1])
+    deltas = grad.new_empty(shape, dtype=_score_dtype(grad))
+    return clean_indices.new_empty(shape), deltas, torch.empty_like(deltas)
+
+
+def _latent_attribution_setup(ctx, inputs, output):
+    clean_values, clean_indices, patched_values, patched_indices, grad, W_dec = inputs
+    ctx.save_for_backward(clean_indices, patched_indices, grad, W_dec, output[0])
+    ctx.value_dtypes = (clean_values.dtype, patched_values.dtype)
+
+
+def _first_slot(indices: torch.Tensor, union_indices: torch.Tensor) -> torch.Tensor:
+    """For each entry of a code [N, k], the union slot that holds its latent
+    (the first slot with that latent: exactly one slot of union_indices has it)."""
+    return (indices.unsqueeze(-1) == union_indices.unsqueeze(-2)).to(torch.uint8).argmax(-1)
+
+
+def _register(ops: Kernels) -> None:
+    """Fake implementation and autograd of one backend's latent_attribution.
+
+    deltas[s] = f_p - f_c at slot s's latent is linear in the values (each
+    entry reaches the one slot holding its latent, with sign +1 patched, -1
+    clean); dots[s] = W_dec[latent] . grad[n] is gathered_dot, whose gradients
+    are sparse_decode (grad) and sparse_transpose_matmul (W_dec) of the slots'
+    output gradients, run on this backend's kernels.
+    """
+
+    def backward(ctx, _grad_union, grad_deltas, grad_dots):
+        clean_indices, patched_indices, grad, W_dec, union_indices = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_clean = grad_patched = grad_grad = grad_W_dec = None
+        if grad_deltas is not None and needs[0]:
+            grad_clean = -grad_deltas.gather(1, _first_slot(clean_indices, union_indices)).to(ctx.value_dtypes[0])
+        if grad_deltas is not None and needs[2]:
+            grad_patched = grad_deltas.gather(1, _first_slot(patched_indices, union_indices)).to(ctx.value_dtypes[1])
+        if grad_dots is not None and (needs[4] or needs[5]):
+            # Slots -1 hold a constant 0: their gradient goes nowhere (and latent 0 gets + 0).
+            slot_grads = torch.where(union_indices >= 0, grad_dots, 0).to(grad.dtype)
+            latents = union_indices.clamp_min(0)
+            if needs[4]:
+                grad_grad = ops.sparse_decode(slot_grads, latents, W_dec, None)
+            if needs[5]:
+                grad_W_dec = ops.sparse_transpose_matmul(slot_grads, latents, grad, W_dec.shape[0])[0]
+        return grad_clean, None, grad_patched, None, grad_grad, grad_W_dec
+
+    torch.library.register_fake(ops.latent_attribution, _latent_attribution_fake)
+    torch.library.register_autograd(ops.latent_attribution, backward, setup_context=_latent_attribution_setup)
+
+
+_register(NATIVE)
+_register(TRITON)
