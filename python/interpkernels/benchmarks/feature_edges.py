@@ -17,8 +17,8 @@ from interpkernels.benchmarks.harness import Case
 def make_inputs(device, dtype, N, d, M, k):
     generator = torch.Generator(device="cpu").manual_seed(0)
     src_values = torch.rand(N, k, generator=generator)
-    src_indices = torch.rand(N, M, generator=generator).argsort(dim=-1)[:, :k]
-    dst_indices = torch.rand(N, M, generator=generator).argsort(dim=-1)[:, :k]
+    src_indices = torch.rand(N, M, generator=generator).topk(k, dim=-1).indices  # distinct per row
+    dst_indices = torch.rand(N, M, generator=generator).topk(k, dim=-1).indices
     W_dec_src = torch.randn(M, d, generator=generator) / d**0.5
     W_enc_dst = torch.randn(M, d, generator=generator) / d**0.5
     dst_scale = torch.randn(N, k, generator=generator)

@@ -28,7 +28,7 @@ def dense_autograd(clean_values, clean_indices, patched_values, patched_indices,
 def make_inputs(device, dtype, N, d, M, k, overlap):
     """Clean and patched TopK codes sharing `overlap` of their k latents per row."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    order = torch.rand(N, M, generator=generator).argsort(dim=-1)
+    order = torch.rand(N, M, generator=generator).topk(2 * k, dim=-1).indices  # distinct per row
     shared = int(overlap * k)
     clean_indices = order[:, :k]
     patched_indices = torch.cat([order[:, :shared], order[:, k:2 * k - shared]], dim=1)
