@@ -34,4 +34,15 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const 
 void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& dense,
                                         int64_t num_latents);
 
+// ---- Attribution patching: every check of each op's arguments (shapes,
+// dtypes, devices, index range), for the kernels of every device.
+void check_latent_attribution_args(const at::Tensor& clean_values, const at::Tensor& clean_indices,
+                                   const at::Tensor& patched_values, const at::Tensor& patched_indices,
+                                   const at::Tensor& grad, const at::Tensor& W_dec);
+void check_error_attribution_args(const at::Tensor& clean_error, const at::Tensor& patched_error,
+                                  const at::Tensor& grad);
+void check_feature_edges_args(const at::Tensor& src_values, const at::Tensor& src_indices, const at::Tensor& W_dec_src,
+                              const at::Tensor& dst_indices, const at::Tensor& W_enc_dst, const at::Tensor& dst_scale,
+                              std::optional<int64_t> top_k, std::optional<double> threshold);
+
 }  // namespace interpkernels

@@ -31,4 +31,23 @@ TORCH_LIBRARY(interpkernels, m) {
   // (fvu, total_variance), 0-d float32 (float64 for float64 inputs):
   // fvu = sum ||out - y||^2 / total_variance, total_variance = sum ||y - mean(y)||^2 over rows.
   m.def("fvu(Tensor reconstruction, Tensor target) -> (Tensor fvu, Tensor total_variance)");
+
+  // ---- Attribution patching (SPEC §4; ops/latent_attribution.py and siblings) ----
+  // Per row n, the slots s < k_c + k_p of the clean entries then the patched
+  // ones: union_indices[n, s] = that entry's latent where s is the first slot
+  // holding it, else -1 (a latent in both supports is kept once);
+  // deltas[n, s] = f_p - f_c at that latent (sums over the row's entries);
+  // dots[n, s] = W_dec[latent] . grad[n]; both 0 at -1 slots. Scores are
+  // deltas * dots. Outputs float32 (float64 for float64 inputs).
+  m.def("latent_attribution(Tensor clean_values, Tensor clean_indices, Tensor patched_values, "
+        "Tensor patched_indices, Tensor grad, Tensor W_dec) -> (Tensor union_indices, Tensor deltas, Tensor dots)");
+  // out [N] = (patched_error - clean_error)[n] . grad[n], float32 (float64 for float64).
+  m.def("error_attribution(Tensor clean_error, Tensor patched_error, Tensor grad) -> Tensor");
+  // E[n, i, j] = dst_scale[n, i] * (W_enc_dst[dst_indices[n, i]] . W_dec_src[src_indices[n, j]]) * src_values[n, j]
+  // pruned per destination (n, i): the top_k largest |E| (NaN as +inf, ties to
+  // lower j), of those |E| >= threshold. (values, src_slots) [N, k_dst, K],
+  // K = min(top_k, k_src) (k_src without top_k): the survivors first, by
+  // decreasing |E| with top_k, by increasing j without; then src_slot -1, value 0.
+  m.def("feature_edges(Tensor src_values, Tensor src_indices, Tensor W_dec_src, Tensor dst_indices, "
+        "Tensor W_enc_dst, Tensor dst_scale, int? top_k, float? threshold) -> (Tensor values, Tensor src_slots)");
 }

@@ -17,7 +17,16 @@ from interpkernels._C import cpu_isa, set_cpu_isa, supported_cpu_isas
 from interpkernels import reference
 from interpkernels._backends import triton_usable
 from interpkernels._build_info import build_info as _compiled_build_info
-from interpkernels.ops import batch_topk_encode, jumprelu_encode, multi_target_decode, sparse_decode, topk_encode
+from interpkernels.ops import (
+    batch_topk_encode,
+    error_attribution,
+    feature_edges,
+    jumprelu_encode,
+    latent_attribution,
+    multi_target_decode,
+    sparse_decode,
+    topk_encode,
+)
 
 __version__ = "0.1.0"
 
@@ -52,7 +61,10 @@ __all__ = [
     "batch_topk_encode",
     "build_info",
     "cpu_isa",
+    "error_attribution",
+    "feature_edges",
     "jumprelu_encode",
+    "latent_attribution",
     "multi_target_decode",
     "reference",
     "set_cpu_isa",
