@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from interpkernels.activations import call_model, output_tensor
 from interpkernels.nn import Transcoder
 
 
@@ -80,15 +81,6 @@ def resolve_sites(model: nn.Module, sites: Mapping[str, nn.Module]) -> dict[str,
     return resolved
 
 
-def output_tensor(name: str, output: object) -> torch.Tensor:
-    """The activation a hook works on: the output, or the first element of a tuple output."""
-    tensor = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"sites[{name!r}]: the submodule returned {type(output).__name__}, not a tensor or a tuple "
-                        "whose first element is one")
-    return tensor
-
-
 def replace_output(output: object, tensor: torch.Tensor) -> object:
     if isinstance(output, tuple):
         return (tensor, *output[1:])
@@ -138,15 +130,6 @@ def hooked(modules: Mapping[str, nn.Module], coders: Mapping[str, nn.Module], ho
     finally:
         for handle in handles:
             handle.remove()
-
-
-def call_model(model: nn.Module, inputs: object) -> object:
-    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple, else ``model(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
 
 
 def record_codes(model: nn.Module, modules: Mapping[str, nn.Module], coders: Mapping[str, nn.Module],
