@@ -40,7 +40,7 @@ TORCH_LIBRARY(interpkernels, m) {
   // dots[n, s] = W_dec[latent] . grad[n]; both 0 at -1 slots. Scores are
   // deltas * dots. Outputs float32 (float64 for float64 inputs).
   m.def("latent_attribution(Tensor clean_values, Tensor clean_indices, Tensor patched_values, "
-        "Tensor patched_indices, Tensor grad, Tensor W_dec) -> (Tensor union_indices, Tensor deltas, Tensor dots)");
+        "Tensor patched_indices, Tensor grad, Tensor W_dec) -> (Tensor deltas, Tensor dots, Tensor union_indices)");
   // out [N] = (patched_error - clean_error)[n] . grad[n], float32 (float64 for float64).
   m.def("error_attribution(Tensor clean_error, Tensor patched_error, Tensor grad) -> Tensor");
   // E[n, i, j] = dst_scale[n, i] * (W_enc_dst[dst_indices[n, i]] . W_dec_src[src_indices[n, j]]) * src_values[n, j]

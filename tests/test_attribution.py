@@ -1,382 +1,473 @@
-"""interpkernels.attribution against float64 oracles written with dense autograd.
-
-Node oracle: at every site the code is built densely from the reference
-encoder (``[N, M]``, differentiable), decoded by a matmul, the error added as
-a leaf; the node scores are ``(F_p - F_c) * dm/dF`` and ``(eps_p - eps_c) . dm/deps``.
-IG oracle: the explicit S-step loop over interpolated dense codes.
-Edge oracle: the gradient at zero of an edge mask (auto-circuit's EAP), on a
-model written out block by block.
-"""
-
-from __future__ import annotations
+"""Attribution patching ops (latent_attribution, error_attribution, feature_edges)
+against float64 oracles: the dense autograd formulation feature-circuits uses,
+and the dense references (docs/OPS.md)."""
 
 import pytest
 import torch
-from torch import nn
+from devices import backends_and_devices
+from devices import TRITON_DEVICE
+from oracle import ALL_DTYPES, assert_matches_oracle
 
+import interpkernels
 from interpkernels import reference
-from interpkernels.attribution import attribute
-from interpkernels.nn import TopKSAE, Transcoder
 
-D, M, K, VOCAB, T = 12, 40, 4, 23, 7
-
-
-class MixingBlock(nn.Module):
-    """A residual block with an MLP and a causal running mean across tokens."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.Tanh(), nn.Linear(2 * d, d))
-        self.mix = nn.Linear(d, d)
-
-    def forward(self, x):
-        positions = torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1)
-        return x + self.mlp(x) + self.mix(x.cumsum(1) / positions)
+ops = torch.ops.interpkernels
+BACKENDS = backends_and_devices()
+BACKEND_IDS = [backend for backend, _ in BACKENDS]
 
 
-class ToyModel(nn.Module):
-    def __init__(self, layers: int = 3):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.blocks = nn.ModuleList(MixingBlock(D) for _ in range(layers))
-        self.unembed = nn.Linear(D, VOCAB)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.unembed(x)
+def dtypes_of(backend):
+    return ALL_DTYPES if backend in ("cpu", "torch") else (torch.float32, torch.bfloat16, torch.float16)
 
 
-def logit_difference(logits):
-    return logits[:, -1, 3] - logits[:, -1, 5]
+def randn(*shape, dtype=torch.float64, device="cpu"):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-def make_sae(seed: int, d: int = D) -> TopKSAE:
-    sae = TopKSAE(d, M, K, seed=seed).double()
-    with torch.no_grad():  # away from the tied initialisation, so encoder and decoder differ
-        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.1)
-    return sae
+def make_codes(leading, k_clean, k_patched, shared, M, *, dtype=torch.float64, device="cpu", unique=True):
+    """Clean and patched codes whose rows share `shared` latents (at shuffled
+    positions); values of both signs, never zero."""
+    def values(k):
+        v = torch.randn(*leading, k, dtype=torch.float64)
+        return (v + v.sign() * 0.1).to(dtype=dtype, device=device)
+
+    if unique:
+        order = torch.rand(*leading, M).argsort(dim=-1)
+        clean = order[..., :k_clean]
+        patched = torch.cat([order[..., :shared], order[..., k_clean:k_clean + k_patched - shared]], -1)
+        patched = patched.gather(-1, torch.rand(patched.shape).argsort(dim=-1))
+    else:
+        clean, patched = torch.randint(0, M, (*leading, k_clean)), torch.randint(0, M, (*leading, k_patched))
+    return values(k_clean), clean.to(device), values(k_patched), patched.to(device)
 
 
-def tokens(batch: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, T), generator=torch.Generator().manual_seed(seed))
+def autograd_attribution(clean_values, clean_indices, patched_values, patched_indices, grad, W_dec):
+    """feature-circuits' way, in float64: f dense [N, M] with requires_grad, the
+    metric's backward through x_hat = f @ W_dec gives dm/df; attr = (f_p - f_c) * dm/df
+    on the union of the supports. Dense [N, M] and the support mask."""
+    M, d = W_dec.shape
+    f_clean = reference.densify(clean_values.double().reshape(-1, clean_values.shape[-1]),
+                                clean_indices.reshape(-1, clean_indices.shape[-1]), M).requires_grad_()
+    f_patched = reference.densify(patched_values.double().reshape(-1, patched_values.shape[-1]),
+                                  patched_indices.reshape(-1, patched_indices.shape[-1]), M)
+    metric = ((f_clean @ W_dec.double()) * grad.double().reshape(-1, d)).sum()  # dm/dx_hat = grad
+    (grad_f,) = torch.autograd.grad(metric, f_clean)
+    support = torch.zeros_like(f_patched, dtype=torch.bool)
+    support.scatter_(1, clean_indices.reshape(f_clean.shape[0], -1), True)
+    support.scatter_(1, patched_indices.reshape(f_clean.shape[0], -1), True)
+    return (f_patched - f_clean.detach()) * grad_f * support, support
 
 
-# ---------------------------------------------------------------------------
-# The dense oracle.
+# (leading, k_clean, k_patched, shared, M, d): 1s, primes, supports equal, disjoint, k = M, 3-D codes.
+SHAPES = [
+    ((1,), 1, 1, 1, 1, 1),
+    ((37,), 7, 5, 3, 301, 19),
+    ((13,), 13, 13, 13, 13, 5),
+    ((4, 9), 3, 4, 0, 50, 33),
+    ((64,), 32, 32, 20, 1000, 129),
+]
 
 
-def dense_code(coder, x):
-    pre_bias = None if isinstance(coder, Transcoder) else coder.b_dec
-    values, indices = reference.topk_encode(x, coder.W_enc, coder.b_enc, coder.k, pre_bias=pre_bias)
-    return reference.densify(values, indices, coder.num_latents)
+@pytest.mark.parametrize("leading,k_clean,k_patched,shared,M,d", SHAPES)
+def test_reference_equals_dense_autograd(leading, k_clean, k_patched, shared, M, d):
+    code = make_codes(leading, k_clean, k_patched, shared, M)
+    grad, W_dec = randn(*leading, d), randn(M, d)
+    dense, support = autograd_attribution(*code, grad, W_dec)
+    sparse = reference.latent_attribution(*code, grad, W_dec)
+    assert sparse._nnz() == int(support.sum())
+    torch.testing.assert_close(sparse.to_dense().reshape(dense.shape), dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.latent_attribution(*code, grad, W_dec, reduce="sum"), dense.sum(0))
+    torch.testing.assert_close(reference.latent_attribution(*code, grad, W_dec, reduce="mean_abs"),
+                               dense.abs().mean(0))
 
 
-def dense_site(coder, args, output):
-    """(dense code F, error) at a site; F differentiable in the site's input."""
-    read = args[0] if isinstance(coder, Transcoder) else output
-    F = dense_code(coder, read)
-    return F, (output - F @ coder.W_dec - coder.b_dec).detach()
+def _dense_of(result):
+    return result.to_dense() if result.is_sparse else result
 
 
-def run_with(model, sites, inputs, site_fn):
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(
-        lambda module, args, output, name=name: site_fn(name, sites[name], args, output)) for name in sites]
+def interpreted(backend, device):
+    return (backend, device) == ("triton", "cpu")
+
+
+# The Triton interpreter runs the largest shape too slowly for CI; GPUs run all.
+@pytest.mark.parametrize("backend,device,leading,k_clean,k_patched,shared,M,d", [
+    (backend, device, *shape) for backend, device in BACKENDS for shape in SHAPES
+    if not (interpreted(backend, device) and shape is SHAPES[-1])])
+def test_latent_attribution_matches_oracle(backend, device, leading, k_clean, k_patched, shared, M, d,
+                                           triton_as_on_gpu):
+    for dtype in (torch.float32, torch.bfloat16) if interpreted(backend, device) else dtypes_of(backend):
+        code = make_codes(leading, k_clean, k_patched, shared, M, dtype=dtype, device=device)
+        grad, W_dec = randn(*leading, d, dtype=dtype, device=device), randn(M, d, dtype=dtype, device=device)
+        oracle_args = [t.double() if t.is_floating_point() else t for t in (*code, grad, W_dec)]
+        for reduce in ("none", "sum", "mean_abs"):
+            got = interpkernels.latent_attribution(*code, grad, W_dec, reduce=reduce, backend=backend)
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            want = reference.latent_attribution(*oracle_args, reduce=reduce)
+            if reduce == "none":
+                assert got.is_sparse and got.is_coalesced() and got.shape == (*leading, M)
+                assert torch.equal(got.indices().cpu(), want.indices())  # the union, every entry once
+            # Scores are float32 for every input dtype below float64: float32's tolerance.
+            assert_matches_oracle(_dense_of(got).cpu(), _dense_of(want))
+
+
+def test_repeated_latents_in_a_row_add_up_as_in_the_dense_code():
+    code = make_codes((30,), 6, 6, 0, 5, unique=False)
+    grad, W_dec = randn(30, 7), randn(5, 7)
+    want = reference.latent_attribution(*code, grad, W_dec)
+    for backend in ("cpu", "triton"):
+        if backend not in interpkernels.build_info()["backends"]:
+            continue
+        got = interpkernels.latent_attribution(*(t.float() if t.is_floating_point() else t for t in code),
+                                               grad.float(), W_dec.float(), backend=backend)
+        assert torch.equal(got.indices(), want.indices())
+        torch.testing.assert_close(got.values(), want.values().float(), rtol=1e-5, atol=1e-5)
+
+
+def test_union_slots_of_the_raw_op():
+    """Slots: clean entries, then patched; a latent already held by an earlier
+    slot gets -1 and zeros; deltas are f_p - f_c, dots W_dec[i] . grad[n]."""
+    clean_values, clean_indices = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[4, 0, 2]])
+    patched_values, patched_indices = torch.tensor([[5.0, 7.0]]), torch.tensor([[2, 1]])
+    grad, W_dec = torch.randn(1, 3), torch.randn(5, 3)
+    deltas, dots, union = ops.latent_attribution(clean_values, clean_indices, patched_values, patched_indices, grad,
+                                                 W_dec)
+    assert union.tolist() == [[4, 0, 2, -1, 1]]
+    assert deltas.tolist() == [[-1.0, -2.0, 2.0, 0.0, 7.0]]
+    want_dots = torch.cat([W_dec[[4, 0, 2]] @ grad[0], torch.zeros(1), W_dec[[1]] @ grad[0]])
+    torch.testing.assert_close(dots[0], want_dots)
+
+
+def test_integrated_gradients_is_the_score_of_the_mean_gradient():
+    """IG over S steps: the mean over steps of each step's AtP score equals
+    the score of the mean site gradient (the latent path is linear)."""
+    code = make_codes((11,), 4, 4, 2, 40)
+    W_dec, steps = randn(40, 9), randn(6, 11, 9)
+    per_step = torch.stack([interpkernels.latent_attribution(*code, g, W_dec, reduce="sum") for g in steps])
+    torch.testing.assert_close(interpkernels.latent_attribution(*code, steps.mean(0), W_dec, reduce="sum"),
+                               per_step.mean(0))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("shape", [(1, 1), (37, 19), (4, 9, 33), (5,)])
+def test_error_attribution_matches_oracle(backend, device, shape, triton_as_on_gpu):
+    for dtype in dtypes_of(backend):
+        clean, patched, grad = (randn(*shape, dtype=dtype, device=device) for _ in range(3))
+        got = interpkernels.error_attribution(clean, patched, grad, backend=backend)
+        assert got.shape == shape[:-1]
+        want = ((patched.double() - clean.double()) * grad.double()).sum(-1)
+        assert_matches_oracle(got.cpu(), want.cpu())  # float32 scores: float32's tolerance
+
+
+def test_error_attribution_takes_strided_inputs():
+    base = randn(8, 10, dtype=torch.float32)
+    clean, patched, grad = base[:, ::2], base.T[:5].T, randn(5, 8, dtype=torch.float32).T
+    want = ((patched - clean) * grad).sum(-1)
+    for backend in interpkernels.build_info()["backends"]:
+        torch.testing.assert_close(interpkernels.error_attribution(clean, patched, grad, backend=backend), want)
+
+
+# (N, k_src, k_dst, M_src, M_dst, d)
+EDGE_SHAPES = [(1, 1, 1, 1, 1, 1), (7, 5, 3, 31, 17, 19), (3, 16, 16, 16, 40, 33), (5, 20, 9, 200, 50, 8)]
+PRUNINGS = [(None, None), (1, None), (4, None), (None, 0.5), (3, 0.5), (100, None)]
+
+
+def make_edge_inputs(N, k_src, k_dst, M_src, M_dst, d, dtype=torch.float64, device="cpu"):
+    """(src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale), indices unique per row."""
+    src_values = randn(N, k_src, dtype=torch.float64)
+    src_values = (src_values + src_values.sign() * 0.1).to(dtype=dtype, device=device)
+    src_indices = torch.rand(N, M_src).argsort(dim=-1)[:, :k_src].to(device)
+    dst_indices = torch.rand(N, M_dst).argsort(dim=-1)[:, :k_dst].to(device)
+    return (src_values, src_indices, randn(M_src, d, dtype=dtype, device=device), dst_indices,
+            randn(M_dst, d, dtype=dtype, device=device), randn(N, k_dst, dtype=dtype, device=device))
+
+
+# The torch backend has no padded op: the public forms test it.
+@pytest.mark.parametrize("backend,device", [pair for pair in BACKENDS if pair[0] != "torch"],
+                         ids=[backend for backend in BACKEND_IDS if backend != "torch"])
+@pytest.mark.parametrize("N,k_src,k_dst,M_src,M_dst,d", EDGE_SHAPES)
+def test_feature_edges_padded_form_matches_reference(backend, device, N, k_src, k_dst, M_src, M_dst, d,
+                                                     triton_as_on_gpu):
+    op = ops.feature_edges_triton if backend == "triton" else ops.feature_edges
+    for dtype in (torch.float64, torch.float32) if backend == "cpu" else (torch.float32,):
+        args = make_edge_inputs(N, k_src, k_dst, M_src, M_dst, d, dtype, device)
+        edges = reference.feature_edge_scores(*(a.double() if a.is_floating_point() else a for a in args))
+        for top_k, threshold in PRUNINGS:
+            threshold = None if threshold is None else threshold * edges.abs().median().item()
+            values, slots = op(*args, top_k, threshold)
+            want_values, want_slots = reference.prune_edges(edges, top_k, threshold)
+            assert torch.equal(slots.cpu(), want_slots), (top_k, threshold)
+            assert_matches_oracle(values.cpu(), want_values)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_feature_edges_public_forms(backend, device, triton_as_on_gpu):
+    """reduce="none": sparse [..., M_dst, M_src] per token; "sum": over tokens;
+    leading dims kept; low precision within 2x torch's own error."""
+    for dtype in dtypes_of(backend):
+        N, k_src, k_dst, M_src, M_dst, d = 12, 6, 5, 23, 19, 16
+        args = list(make_edge_inputs(N, k_src, k_dst, M_src, M_dst, d, dtype, device))
+        for position in (0, 1, 3, 5):  # [4, 3, k] codes
+            args[position] = args[position].reshape(4, 3, -1)
+        oracle_args = [a.double() if a.is_floating_point() else a for a in args]
+        for top_k, threshold in ((2, None), (None, 1.0), (None, None)):
+            for reduce in ("none", "sum"):
+                got = interpkernels.feature_edges(*args, top_k=top_k, threshold=threshold, reduce=reduce,
+                                                  backend=backend)
+                want = reference.feature_edges(*oracle_args, top_k=top_k, threshold=threshold, reduce=reduce)
+                assert got.is_sparse and got.is_coalesced() and got.shape == want.shape
+                assert got.shape == ((4, 3, M_dst, M_src) if reduce == "none" else (M_dst, M_src))
+                # Inputs are exact in every dtype and scores float32, so the pruning picks the same edges.
+                assert torch.equal(got.indices().cpu(), want.indices())
+                assert_matches_oracle(got.values().cpu(), want.values())
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in interpkernels.build_info()["backends"]])
+def test_feature_edges_ties_go_to_the_lower_source_and_nan_ranks_first(backend, triton_as_on_gpu):
+    device = "cpu" if backend == "cpu" else TRITON_DEVICE
+    op = ops.feature_edges if backend == "cpu" else ops.feature_edges_triton
+    W = randn(3, 16, dtype=torch.float32, device=device)
+    W[2] = 3 * W[0]  # E at latent 2 (value 1): 3 |W[0]|^2, above latent 0's (value 0.5): |W[0]|^2 / 2
+    src_indices = torch.tensor([[2, 0, 2, 1]], device=device)  # slots 0 and 2 hold one latent: an exact tie
+    src_values = torch.tensor([[1.0, 0.5, 1.0, float("nan")]], device=device)
+    dst_indices, dst_scale = torch.tensor([[0]], device=device), torch.ones(1, 1, device=device)
+    values, slots = op(src_values, src_indices, W, dst_indices, W, dst_scale, 3, None)
+    assert slots.tolist() == [[[3, 0, 2]]]
+    assert values[0, 0, 0].isnan() and values[0, 0, 1] == values[0, 0, 2]
+    values, slots = op(src_values, src_indices, W, dst_indices, W, dst_scale, None, float("inf"))
+    assert slots.tolist() == [[[3, -1, -1, -1]]]  # NaN passes any threshold, as +inf would
+
+
+@pytest.mark.parametrize("top_k,threshold", [(None, None), (2, None), (None, 0.3), (2, 0.3)])
+def test_feature_edges_gradients(top_k, threshold):
+    torch.manual_seed(3)
+    N, k_src, k_dst, M_src, M_dst, d = 4, 5, 3, 9, 7, 6
+    src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale = make_edge_inputs(
+        N, k_src, k_dst, M_src, M_dst, d)
+    leaves = [t.requires_grad_() for t in (src_values, W_dec_src, W_enc_dst, dst_scale)]
+
+    def values(src_values, W_dec_src, W_enc_dst, dst_scale):
+        return ops.feature_edges(src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale, top_k,
+                                 threshold)[0]
+
+    assert torch.autograd.gradcheck(values, leaves)
+    assert torch.autograd.gradgradcheck(values, leaves)
+
+
+def test_latent_and_error_attribution_gradients():
+    code = make_codes((6,), 3, 4, 2, 9)
+    clean_values, patched_values = (code[0].requires_grad_(), code[2].requires_grad_())
+    grad, W_dec = randn(6, 5).requires_grad_(), randn(9, 5).requires_grad_()
+    leaves = (clean_values, patched_values, grad, W_dec)
+
+    def summed(clean_values, patched_values, grad, W_dec):
+        return interpkernels.latent_attribution(clean_values, code[1], patched_values, code[3], grad, W_dec,
+                                                reduce="sum")
+
+    def raw(clean_values, patched_values, grad, W_dec):
+        return ops.latent_attribution(clean_values, code[1], patched_values, code[3], grad, W_dec)[:2]
+
+    for fn in (summed, raw):
+        assert torch.autograd.gradcheck(fn, leaves)
+        assert torch.autograd.gradgradcheck(fn, leaves)
+    errors = tuple(randn(6, 5).requires_grad_() for _ in range(2)) + (grad,)
+    assert torch.autograd.gradcheck(interpkernels.error_attribution, errors)
+    assert torch.autograd.gradgradcheck(interpkernels.error_attribution, errors)
+
+
+def test_gradients_match_the_dense_autograd_formulation():
+    """d(sum of scores)/d(W_dec) and /d(grad) equal those of the dense way."""
+    code = make_codes((10,), 4, 4, 2, 30)
+    grad, W_dec = randn(10, 8).requires_grad_(), randn(30, 8).requires_grad_()
+    ours = torch.autograd.grad(interpkernels.latent_attribution(*code, grad, W_dec, reduce="sum").sum(),
+                               (grad, W_dec))
+    theirs = torch.autograd.grad(reference.latent_attribution(*code, grad, W_dec, reduce="sum").sum(), (grad, W_dec))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    code = make_codes((300,), 16, 16, 8, 500, dtype=torch.float32)
+    grad, W_dec = randn(300, 64, dtype=torch.float32), randn(500, 64, dtype=torch.float32)
+    edge_args = make_edge_inputs(300, 16, 16, 500, 400, 64, torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
     try:
-        if isinstance(inputs, dict):
-            return model(**inputs)
-        return model(inputs)
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            runs.append([*ops.latent_attribution(*code, grad, W_dec), ops.error_attribution(grad, grad * 2, grad),
+                         *ops.feature_edges(*edge_args, 5, None), *ops.feature_edges(*edge_args, None, 0.1),
+                         interpkernels.latent_attribution(*code, grad, W_dec, reduce="sum")])
     finally:
-        for handle in handles:
-            handle.remove()
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
-def first(output):
-    return output[0] if isinstance(output, tuple) else output
+def test_cpu_isas_give_the_same_bits():
+    code = make_codes((40,), 8, 8, 4, 100, dtype=torch.float32)
+    grad, W_dec = randn(40, 77, dtype=torch.float32), randn(100, 77, dtype=torch.float32)
+    edge_args = make_edge_inputs(40, 8, 8, 100, 90, 77, torch.float32)
+    previous, runs = interpkernels.cpu_isa(), []
+    try:
+        for isa in interpkernels.supported_cpu_isas():
+            interpkernels.set_cpu_isa(isa)
+            runs.append([*ops.latent_attribution(*code, grad, W_dec), ops.error_attribution(grad, W_dec[:40], grad),
+                         *ops.feature_edges(*edge_args, 3, 0.1)])
+    finally:
+        interpkernels.set_cpu_isa(previous)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
 
 
-def with_first(output, tensor):
-    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+def opcheck_samples():
+    torch.manual_seed(0)  # runs at collection, before the seeding fixture
+    code = make_codes((7,), 3, 4, 2, 20, dtype=torch.float32)
+    grad, W_dec = torch.randn(7, 6), torch.randn(20, 6)
+    edge_args = make_edge_inputs(7, 4, 3, 20, 15, 6, torch.float32)
+    yield ops.latent_attribution.default, (*code, grad, W_dec)
+    yield ops.latent_attribution.default, (code[0].requires_grad_(), code[1], code[2], code[3],
+                                           grad.requires_grad_(), W_dec.requires_grad_())
+    yield ops.error_attribution.default, (grad, torch.randn(7, 6, requires_grad=True), torch.randn(7, 6))
+    yield ops.feature_edges.default, (*edge_args, 2, None)
+    yield ops.feature_edges.default, (*(a.clone().requires_grad_() if a.is_floating_point() else a
+                                        for a in edge_args), None, 0.5)
 
 
-def dense_oracle(model, sites, clean, patched, metric, *, ig_site=None, alpha=0.0):
-    """Per site: (F_p - F_c, dm/dF, eps_p - eps_c, dm/deps). With ig_site, that
-    site's code and error are the interpolations at alpha (the others spliced)."""
-    recorded = {}
-
-    def record(name, coder, args, output):
-        recorded[name] = dense_site(coder, args, first(output))
-
-    with torch.no_grad():
-        run_with(model, sites, patched, record)
-    clean_sites = {}
-
-    def record_clean(name, coder, args, output):
-        clean_sites[name] = dense_site(coder, args, first(output))
-
-    with torch.no_grad():
-        run_with(model, sites, clean, record_clean)
-    leaves = {}
-
-    def splice(name, coder, args, output):
-        if name == ig_site:
-            (F_c, eps_c), (F_p, eps_p) = clean_sites[name], recorded[name]
-            F = (F_c + alpha * (F_p - F_c)).requires_grad_()
-            eps = (eps_c + alpha * (eps_p - eps_c)).requires_grad_()
-        else:
-            F, eps = dense_site(coder, args, first(output))
-            eps.requires_grad_()
-        leaves[name] = (F, eps)
-        return with_first(output, F @ coder.W_dec + coder.b_dec + eps)
-
-    value = metric(run_with(model, sites, clean, splice)).sum()
-    names = list(sites)
-    grads = torch.autograd.grad(value, [leaves[n][0] for n in names] + [leaves[n][1] for n in names],
-                                allow_unused=True, materialize_grads=True)
-    out = {}
-    for i, name in enumerate(names):
-        (F_c, eps_c), (F_p, eps_p) = clean_sites[name], recorded[name]
-        out[name] = (F_p - F_c, grads[i], eps_p - eps_c, grads[len(names) + i])
-    return out
+@pytest.mark.parametrize("op,args", list(opcheck_samples()), ids=lambda x: getattr(x, "__name__", ""))
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
 
 
-def check_nodes(result, oracle, atol=1e-10):
-    for name, (dF, gF, deps, geps) in oracle.items():
-        scores = result.nodes[name]
-        expected = dF * gF
-        assert scores.latents.is_sparse
-        torch.testing.assert_close(scores.latents.to_dense().to(expected.dtype), expected, atol=atol, rtol=1e-8)
-        torch.testing.assert_close(scores.error.to(geps.dtype), (deps * geps).sum(-1), atol=atol, rtol=1e-8)
-        assert expected.abs().max() > 1e-6  # a test that could not fail otherwise
+def test_opcheck_triton(triton_as_on_gpu):
+    if "triton" not in interpkernels.build_info()["backends"]:
+        pytest.skip("triton is not usable here")
+    code = [t.to(TRITON_DEVICE) for t in make_codes((5,), 3, 4, 2, 20, dtype=torch.float32)]
+    grad, W_dec = randn(5, 6, dtype=torch.float32, device=TRITON_DEVICE), randn(20, 6, dtype=torch.float32,
+                                                                                device=TRITON_DEVICE)
+    edge_args = make_edge_inputs(5, 4, 3, 20, 15, 6, torch.float32, TRITON_DEVICE)
+    torch.library.opcheck(ops.latent_attribution_triton.default, (*code, grad, W_dec),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.error_attribution_triton.default, (grad, grad * 2, grad),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.feature_edges_triton.default, (*edge_args, 2, 0.1),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.fixture
-def toy():
-    torch.manual_seed(0)
-    model = ToyModel().double()
-    sites = {"blocks.0": make_sae(1), "blocks.1.mlp": Transcoder(D, M, K, d_out=D, seed=2).double(),
-             "blocks.2": make_sae(3)}
-    with torch.no_grad():
-        sites["blocks.1.mlp"].W_dec.mul_(0.5)
-    return model, sites
+@pytest.mark.slow
+def test_attribution_compiles_without_graph_breaks():
+    """Scores and their gradients inside torch.compile(fullgraph=True), as eager."""
+    torch._dynamo.reset()
+    code = make_codes((2, 7), 4, 5, 2, 40, dtype=torch.float32)
+    edge_args = make_edge_inputs(14, 4, 3, 40, 30, 16, torch.float32)
+
+    def scores(grad, W_dec, clean_error, W_enc):
+        latent = interpkernels.latent_attribution(*code, grad, W_dec, reduce="sum")
+        error = interpkernels.error_attribution(clean_error, clean_error * 0.5, grad)
+        values, _ = ops.feature_edges(edge_args[0], edge_args[1], W_dec, edge_args[3], W_enc, edge_args[5], 2, None)
+        return latent.square().sum() + error.sum() + values.sum()
+
+    compiled = torch.compile(scores, fullgraph=True)
+    params = [torch.randn(2, 7, 16), torch.randn(40, 16), torch.randn(2, 7, 16), torch.randn(30, 16)]
+    results = []
+    for fn in (scores, compiled):
+        leaves = [p.clone().requires_grad_() for p in params]
+        out = fn(*leaves)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves)])
+    for eager, compiled_result in zip(*results):
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_atp_nodes_match_dense_autograd(toy):
-    model, sites = toy
-    clean, patched = tokens(seed=1), tokens(seed=2)
-    result = attribute(model, sites, clean, patched, logit_difference)
-    check_nodes(result, dense_oracle(model, sites, clean, patched, logit_difference))
-    assert not any(m._forward_hooks for m in model.modules())
-    # The scores estimate the metric's change; the attribute's own metric values are the model's.
-    assert result.metric_clean == pytest.approx(float(logit_difference(model(clean)).sum()), rel=1e-9)
-    assert result.metric_patched == pytest.approx(float(logit_difference(model(patched)).sum()), rel=1e-9)
+def bad_latent_inputs():
+    code = make_codes((5,), 3, 4, 1, 10, dtype=torch.float32)
+    grad, W_dec = torch.randn(5, 6), torch.randn(10, 6)
+    cv, ci, pv, pi = code
+    yield (cv, ci, pv, pi[:, :3], grad, W_dec), {}, ValueError, "patched_indices"
+    yield (cv, ci.float(), pv, pi, grad, W_dec), {}, TypeError, "clean_indices"
+    yield (cv[:4], ci[:4], pv, pi, grad, W_dec), {}, ValueError, "clean_values"
+    yield (cv, ci, pv, pi, grad, W_dec[:, :5]), {}, ValueError, "W_dec"
+    yield (cv, ci, pv.double(), pi, grad, W_dec), {}, TypeError, "patched_values"
+    yield (cv, ci, pv, pi, grad.to(torch.int32), W_dec), {}, TypeError, "grad"
+    yield (cv, ci, pv, pi, grad, W_dec.to("meta")), {}, ValueError, "W_dec"
+    yield (cv, ci + 10, pv, pi, grad, W_dec), {}, IndexError, "clean_indices"
+    yield (cv, ci, pv, pi - 10, grad, W_dec), {}, IndexError, "patched_indices"
+    yield (cv, ci, pv, pi, grad, W_dec), {"reduce": "max"}, ValueError, "reduce"
+    yield (cv[:0], ci[:0], pv[:0], pi[:0], grad[:0], W_dec), {"reduce": "mean_abs"}, ValueError, "grad"
 
 
-def test_reductions_sum_the_per_token_scores(toy):
-    model, sites = toy
-    clean, patched = tokens(seed=1), tokens(seed=2)
-    per_token = attribute(model, sites, clean, patched, logit_difference)
-    summed = attribute(model, sites, clean, patched, logit_difference, reduce="sum")
-    mean_abs = attribute(model, sites, clean, patched, logit_difference, reduce="mean_abs")
-    for name in sites:
-        dense = per_token.nodes[name].latents.to_dense()
-        torch.testing.assert_close(summed.nodes[name].latents, dense.sum((0, 1)).to(summed.nodes[name].latents.dtype))
-        torch.testing.assert_close(mean_abs.nodes[name].latents,
-                                   dense.abs().mean((0, 1)).to(mean_abs.nodes[name].latents.dtype))
-        torch.testing.assert_close(summed.nodes[name].error, per_token.nodes[name].error.sum())
-    top = summed.top_latents("blocks.2", 3)
-    assert abs(top[0][1]) >= abs(top[1][1]) >= abs(top[2][1]) > 0
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("args,kwargs,error,name", list(bad_latent_inputs()))
+def test_latent_attribution_rejects_bad_input(backend, args, kwargs, error, name):
+    with pytest.raises(error, match=name):
+        interpkernels.latent_attribution(*args, backend=backend, **kwargs)
 
 
-def test_ig_matches_the_explicit_step_loop(toy):
-    model, sites = toy
-    clean, patched = tokens(seed=1), tokens(seed=2)
-    steps = 3
-    result = attribute(model, sites, clean, patched, logit_difference, method="ig", steps=steps)
-    for name in sites:
-        latents = errors = 0
-        for step in range(steps):
-            dF, gF, deps, geps = dense_oracle(model, sites, clean, patched, logit_difference, ig_site=name,
-                                              alpha=step / steps)[name]
-            latents = latents + dF * gF / steps
-            errors = errors + (deps * geps).sum(-1) / steps
-        torch.testing.assert_close(result.nodes[name].latents.to_dense(), latents, atol=1e-10, rtol=1e-8)
-        torch.testing.assert_close(result.nodes[name].error, errors, atol=1e-10, rtol=1e-8)
-    # With one step IG is AtP.
-    atp = attribute(model, sites, clean, patched, logit_difference)
-    ig1 = attribute(model, sites, clean, patched, logit_difference, method="ig", steps=1)
-    for name in sites:
-        torch.testing.assert_close(ig1.nodes[name].latents.to_dense(), atp.nodes[name].latents.to_dense())
+def bad_edge_inputs():
+    src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale = make_edge_inputs(5, 4, 3, 20, 15, 6,
+                                                                                            torch.float32)
+    ok = [src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale]
+
+    def with_(position, value):
+        args = list(ok)
+        args[position] = value
+        return tuple(args)
+
+    yield with_(1, src_indices[:, :3]), {}, ValueError, "src_indices"
+    yield with_(3, dst_indices.float()), {}, TypeError, "dst_indices"
+    yield with_(5, dst_scale[:4]), {}, ValueError, "dst_scale"
+    yield with_(4, W_enc_dst[:, :5]), {}, ValueError, "W_enc_dst"
+    yield with_(2, W_dec_src.half()), {}, TypeError, "W_dec_src"
+    yield with_(1, src_indices + 20), {}, IndexError, "src_indices"
+    yield with_(3, dst_indices - 15), {}, IndexError, "dst_indices"
+    yield tuple(ok), {"top_k": 0}, ValueError, "top_k"
+    yield tuple(ok), {"top_k": 2.5}, TypeError, "top_k"
+    yield tuple(ok), {"threshold": float("nan")}, TypeError, "threshold"
+    yield tuple(ok), {"reduce": "mean_abs"}, ValueError, "reduce"
 
 
-def edge_mask_oracle(model, saes, clean, patched, metric, dst_latents):
-    """Edges blocks.0 -> blocks.1 as d metric / d mask at mask = 0, where the
-    mask lets source latent j (or the source error) take its patched value on
-    the path into destination latent b only. Written out block by block."""
-    src, dst, last = saes["blocks.0"], saes["blocks.1"], saes["blocks.2"]
-    blocks = model.blocks
-
-    def codes(inputs):
-        x0 = model.embed(inputs)
-        x1 = blocks[0](x0)
-        F0, eps0 = dense_site(src, (x0,), x1)
-        return F0, eps0
-
-    with torch.no_grad():
-        F0_p, eps0_p = codes(patched)
-    F0, eps0 = codes(clean)
-    F0, eps0 = F0.detach(), eps0.detach()
-    x1 = F0 @ src.W_dec + src.b_dec + eps0
-    rows, error_rows = [], []
-    for b in dst_latents.tolist():
-        mask = torch.zeros(M, dtype=torch.float64, requires_grad=True)
-        error_mask = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        x1_masked = x1 + (mask * (F0_p - F0)) @ src.W_dec + error_mask * (eps0_p - eps0)
-        F1, eps1 = dense_site(dst, None, blocks[1](x1))
-        F1_masked, _ = dense_site(dst, None, blocks[1](x1_masked))
-        only_b = torch.zeros(M, dtype=torch.float64)
-        only_b[b] = 1
-        F1 = F1 + only_b * (F1_masked - F1)
-        x2 = F1 @ dst.W_dec + dst.b_dec + eps1
-        x3 = blocks[2](x2)
-        F2, eps2 = dense_site(last, None, x3)
-        logits = model.unembed(F2 @ last.W_dec + last.b_dec + eps2)
-        grads = torch.autograd.grad(metric(logits).sum(), [mask, error_mask])
-        rows.append(grads[0])
-        error_rows.append(grads[1])
-    return torch.stack(rows), torch.stack(error_rows)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("args,kwargs,error,name", list(bad_edge_inputs()))
+def test_feature_edges_rejects_bad_input(backend, args, kwargs, error, name):
+    with pytest.raises(error, match=name):
+        interpkernels.feature_edges(*args, backend=backend, **kwargs)
 
 
-def test_full_edges_equal_the_edge_mask_gradient():
-    torch.manual_seed(0)
-    model = ToyModel().double()
-    saes = {f"blocks.{i}": make_sae(10 + i) for i in range(3)}
-    clean, patched = tokens(seed=3), tokens(seed=4)
-    result = attribute(model, saes, clean, patched, logit_difference, edges="full", edge_features=None,
-                       edge_batch_size=5)
-    edges = result.edges[("blocks.0", "blocks.1")]
-    assert len(edges.dst_latents) > 5  # several batches of destinations
-    expected, expected_error = edge_mask_oracle(model, saes, clean, patched, logit_difference, edges.dst_latents)
-    torch.testing.assert_close(edges.latents.to_dense(), expected, atol=1e-10, rtol=1e-8)
-    torch.testing.assert_close(edges.error, expected_error, atol=1e-10, rtol=1e-8)
-    assert expected.abs().max() > 1e-6
-    # edge_features keeps the destinations with the largest |node score|.
-    top = attribute(model, saes, clean, patched, logit_difference, edges="full", edge_features=3)
-    chosen = top.edges[("blocks.0", "blocks.1")].dst_latents
-    node_totals = result.nodes["blocks.1"].latents.to_dense().sum((0, 1)).abs()
-    assert set(chosen.tolist()) <= set(edges.dst_latents.tolist())
-    assert node_totals[chosen].min() >= node_totals[edges.dst_latents].sort(descending=True).values[2]
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_error_attribution_rejects_bad_input(backend):
+    grad = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="patched_error"):
+        interpkernels.error_attribution(grad, grad[:, :4], grad, backend=backend)
+    with pytest.raises(TypeError, match="clean_error"):
+        interpkernels.error_attribution(grad.double(), grad, grad, backend=backend)
+    with pytest.raises(TypeError, match="grad"):
+        interpkernels.error_attribution(grad, grad, grad.long(), backend=backend)
 
 
-class IdentityBetween(nn.Module):
-    """Two residual sites with nothing but the residual between them."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.block = MixingBlock(D)
-        self.same = nn.Identity()
-        self.unembed = nn.Linear(D, VOCAB)
-
-    def forward(self, tokens):
-        return self.unembed(torch.tanh(self.same(self.block(self.embed(tokens)))))
-
-
-def test_direct_edges_are_the_full_edges_across_a_pure_residual_path():
-    torch.manual_seed(0)
-    model = IdentityBetween().double()
-    saes = {"block": make_sae(20), "same": make_sae(21)}
-    clean, patched = tokens(seed=5), tokens(seed=6)
-    full = attribute(model, saes, clean, patched, logit_difference, edges="full", edge_features=None)
-    direct = attribute(model, saes, clean, patched, logit_difference, edges="direct")
-    full_edges, direct_edges = full.edges[("block", "same")], direct.edges[("block", "same")]
-    per_token = direct_edges.latents.to_dense()
-    assert per_token.shape == (3, T, M, M)
-    summed = per_token.sum((0, 1))[full_edges.dst_latents]
-    torch.testing.assert_close(summed.to(torch.float64), full_edges.latents.to_dense(), atol=1e-10, rtol=1e-8)
-    pruned = attribute(model, saes, clean, patched, logit_difference, edges="direct", top_k=2)
-    kept = pruned.edges[("block", "same")].latents.coalesce()
-    assert (kept.indices()[:3].T.unique(dim=0, return_counts=True)[1] <= 2).all()
+def test_raw_ops_check_their_arguments():
+    """A direct torch.ops call with a bad argument raises, naming it, instead of reading out of bounds."""
+    code = make_codes((5,), 3, 4, 1, 10, dtype=torch.float32)
+    grad, W_dec = torch.randn(5, 6), torch.randn(10, 6)
+    with pytest.raises(IndexError, match="patched_indices"):
+        ops.latent_attribution(code[0], code[1], code[2], code[3] + 10, grad, W_dec)
+    with pytest.raises(ValueError, match="clean_values"):
+        ops.latent_attribution(code[0][:4], code[1][:4], code[2], code[3], grad, W_dec)
+    edge_args = list(make_edge_inputs(5, 4, 3, 20, 15, 6, torch.float32))
+    with pytest.raises(IndexError, match="dst_indices"):
+        ops.feature_edges(*edge_args[:3], edge_args[3] + 15, *edge_args[4:], None, None)
+    with pytest.raises(ValueError, match="top_k"):
+        ops.feature_edges(*edge_args, 0, None)
+    with pytest.raises(ValueError, match="grad"):
+        ops.error_attribution(grad, grad, grad[:, :2])
 
 
-# ---------------------------------------------------------------------------
-# Real model classes, built from tiny random configs (nothing downloaded).
-
-
-def test_gpt2_atp_and_ig_match_dense_autograd():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=16, vocab_size=VOCAB,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).double().eval()
-    sites = {"transformer.h.0": make_sae(30, 16), "transformer.h.1": make_sae(31, 16)}
-    clean, patched = {"input_ids": tokens(2, seed=7)}, {"input_ids": tokens(2, seed=8)}
-
-    def metric(output):
-        return logit_difference(output.logits)
-
-    result = attribute(model, sites, clean, patched, metric)
-    check_nodes(result, dense_oracle(model, sites, clean, patched, metric))
-    ig = attribute(model, sites, clean, patched, metric, method="ig", steps=2)
-    name = "transformer.h.0"
-    expected = sum(dF * gF / 2 for dF, gF, _, _ in
-                   (dense_oracle(model, sites, clean, patched, metric, ig_site=name, alpha=a)[name] for a in (0, .5)))
-    torch.testing.assert_close(ig.nodes[name].latents.to_dense(), expected, atol=1e-10, rtol=1e-8)
-
-
-def test_transformer_lens_atp_matches_dense_autograd():
-    lens = pytest.importorskip("transformer_lens")
-    config = lens.HookedTransformerConfig(n_layers=2, d_model=16, d_head=8, n_heads=2, d_mlp=32, d_vocab=VOCAB,
-                                          n_ctx=16, act_fn="gelu", dtype=torch.float64, seed=0)
-    model = lens.HookedTransformer(config).eval()
-    sites = {"blocks.0.hook_resid_post": make_sae(40, 16), "blocks.1.hook_resid_mid": make_sae(41, 16)}
-    clean, patched = tokens(2, seed=9), tokens(2, seed=10)
-    result = attribute(model, sites, clean, patched, logit_difference, edges="full")
-    check_nodes(result, dense_oracle(model, sites, clean, patched, logit_difference))
-    assert result.edges[("blocks.0.hook_resid_post", "blocks.1.hook_resid_mid")].latents.shape[1] == M
-
-
-# ---------------------------------------------------------------------------
-# Bad input.
-
-
-def test_bad_input_names_the_argument(toy):
-    model, sites = toy
-    clean, patched = tokens(seed=1), tokens(seed=2)
-    with pytest.raises(KeyError, match="blocks.9"):
-        attribute(model, {"blocks.9": sites["blocks.0"]}, clean, patched, logit_difference)
-    with pytest.raises(ValueError, match="patched"):
-        attribute(model, sites, clean, tokens(batch=2, seed=2), logit_difference)
-    with pytest.raises(ValueError, match=r"sites\['blocks.0'\].*width"):
-        attribute(model, {"blocks.0": make_sae(5, d=D + 1)}, clean, patched, logit_difference)
-    with pytest.raises(ValueError, match="method"):
-        attribute(model, sites, clean, patched, logit_difference, method="eap")
-    with pytest.raises(ValueError, match="steps"):
-        attribute(model, sites, clean, patched, logit_difference, method="ig", steps=0)
-    with pytest.raises(ValueError, match="reduce"):
-        attribute(model, sites, clean, patched, logit_difference, reduce="max")
-    with pytest.raises(ValueError, match="edges"):
-        attribute(model, sites, clean, patched, logit_difference, edges="all")
-    with pytest.raises(TypeError, match="sites"):
-        attribute(model, {"blocks.0": nn.Linear(D, D)}, clean, patched, logit_difference)
-    with pytest.raises(TypeError, match="metric"):
-        attribute(model, sites, clean, patched, lambda logits: 1.0)
-    model.unused = nn.Identity()
-    with pytest.raises(ValueError, match="never ran"):
-        attribute(model, {"blocks.0": sites["blocks.0"], "unused": sites["blocks.2"]}, clean, patched,
-                  logit_difference)
-
-
-def test_hooks_are_removed_when_the_metric_fails(toy):
-    model, sites = toy
-
-    def failing(logits):
-        raise RuntimeError("metric failed")
-
-    with pytest.raises(RuntimeError, match="metric failed"):
-        attribute(model, sites, tokens(seed=1), tokens(seed=2), failing)
-    assert not any(m._forward_hooks for m in model.modules())
+def test_empty_inputs():
+    code = make_codes((0,), 3, 4, 1, 10, dtype=torch.float32)
+    grad, W_dec = torch.randn(0, 6), torch.randn(10, 6)
+    assert interpkernels.latent_attribution(*code, grad, W_dec)._nnz() == 0
+    assert torch.equal(interpkernels.latent_attribution(*code, grad, W_dec, reduce="sum"), torch.zeros(10))
+    assert interpkernels.error_attribution(grad, grad, grad).shape == (0,)
+    empty_code = make_codes((3,), 0, 0, 0, 10, dtype=torch.float32)
+    assert torch.equal(interpkernels.latent_attribution(*empty_code, torch.randn(3, 6), W_dec, reduce="sum"),
+                       torch.zeros(10))
+    edges = interpkernels.feature_edges(*make_edge_inputs(0, 4, 3, 20, 15, 6, torch.float32), top_k=2)
+    assert edges._nnz() == 0 and edges.shape == (0, 15, 20)

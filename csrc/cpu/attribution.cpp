@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_attribution_cpu(const at::
                                       union_indices.data_ptr<int64_t>(), deltas.data_ptr<acc_t>(),
                                       dots.data_ptr<acc_t>(), N, k_clean, k_patched, d);
   });
-  return {union_indices, deltas, dots};
+  return {deltas, dots, union_indices};
 }
 
 at::Tensor error_attribution_cpu(const at::Tensor& clean_error, const at::Tensor& patched_error,

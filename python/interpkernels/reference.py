@@ -275,9 +275,9 @@ def sparse_edges(
     """The padded per-destination edges (values, src_slots) [N, k_dst, K] as a
     coalesced sparse COO: [..., M_dst, M_src] per token (reduce="none"), or
     [M_dst, M_src] summed over tokens ("sum"). Slots -1 are left out."""
-    N, k_dst, _ = values.shape
-    src = src_indices.reshape(N, -1).long()
-    src_latents = src.gather(1, src_slots.clamp_min(0).reshape(N, -1)).reshape(src_slots.shape)
+    N, k_dst, kept = values.shape
+    src = src_indices.reshape(N, src_indices.shape[-1]).long()
+    src_latents = src.gather(1, src_slots.clamp_min(0).reshape(N, k_dst * kept)).reshape(src_slots.shape)
     dst_latents = dst_indices.reshape(N, k_dst, 1).long().expand(src_slots.shape)
     survivors = src_slots >= 0
     latent_coordinates = [dst_latents[survivors], src_latents[survivors]]

@@ -7,6 +7,8 @@ eps = x - x_hat, the part of the activation the dictionary does not explain.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from interpkernels import _validation as v
@@ -44,8 +46,8 @@ def error_attribution(
     backend = resolve("error_attribution", backend, grad.device)
     if backend == "torch":
         return reference.error_attribution(clean_error, patched_error, grad)
-    d = grad.shape[-1]
-    flat = [t.reshape(-1, d) for t in (clean_error, patched_error, grad)]
+    flat_shape = (math.prod(grad.shape[:-1]), grad.shape[-1])  # spelled out: reshape(0, -1) is ambiguous
+    flat = [t.reshape(flat_shape) for t in (clean_error, patched_error, grad)]
     return kernels(backend).error_attribution(*flat).view(grad.shape[:-1])
 
 

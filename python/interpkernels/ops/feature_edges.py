@@ -65,10 +65,12 @@ def feature_edges(
         v.require_indices_in_range("dst_indices", dst_indices, W_enc_dst.shape[0])
         return reference.feature_edges(*args, top_k=top_k, threshold=threshold, reduce=reduce)
 
+    # Row counts spelled out: reshape(0, -1) cannot infer a width.
     N = math.prod(src_values.shape[:-1])
-    values, src_slots = kernels(backend).feature_edges(
-        src_values.reshape(N, -1), src_indices.reshape(N, -1), W_dec_src, dst_indices.reshape(N, -1), W_enc_dst,
-        dst_scale.reshape(N, -1), top_k, threshold)
+    flat_src_values, flat_src_indices, flat_dst_indices, flat_dst_scale = (t.reshape(N, t.shape[-1]) for t in (
+        src_values, src_indices, dst_indices, dst_scale))
+    values, src_slots = kernels(backend).feature_edges(flat_src_values, flat_src_indices, W_dec_src, flat_dst_indices,
+                                                       W_enc_dst, flat_dst_scale, top_k, threshold)
     return reference.sparse_edges(values, src_slots, src_indices, dst_indices,
                                   (W_enc_dst.shape[0], W_dec_src.shape[0]), reduce)
 

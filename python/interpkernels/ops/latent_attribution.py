@@ -64,10 +64,11 @@ def latent_attribution(
         v.require_indices_in_range("patched_indices", patched_indices, W_dec.shape[0])
         return reference.latent_attribution(*args, reduce=reduce)
 
+    # Row counts spelled out: reshape(0, -1) cannot infer a width.
     N = math.prod(grad.shape[:-1])
-    union_indices, deltas, dots = kernels(backend).latent_attribution(
-        clean_values.reshape(N, -1), clean_indices.reshape(N, -1), patched_values.reshape(N, -1),
-        patched_indices.reshape(N, -1), grad.reshape(N, -1), W_dec)
+    deltas, dots, union_indices = kernels(backend).latent_attribution(
+        *(t.reshape(N, t.shape[-1]) for t in (clean_values, clean_indices, patched_values, patched_indices, grad)),
+        W_dec)
     return _reduce(deltas * dots, union_indices, W_dec.shape[0], reduce, grad.shape[:-1])
 
 
@@ -123,12 +124,12 @@ def _score_dtype(tensor: torch.Tensor) -> torch.dtype:
 def _latent_attribution_fake(clean_values, clean_indices, patched_values, patched_indices, grad, W_dec):
     shape = (grad.shape[0], clean_indices.shape[1] + patched_indices.shape[1])
     deltas = grad.new_empty(shape, dtype=_score_dtype(grad))
-    return clean_indices.new_empty(shape), deltas, torch.empty_like(deltas)
+    return deltas, torch.empty_like(deltas), clean_indices.new_empty(shape)
 
 
 def _latent_attribution_setup(ctx, inputs, output):
     clean_values, clean_indices, patched_values, patched_indices, grad, W_dec = inputs
-    ctx.save_for_backward(clean_indices, patched_indices, grad, W_dec, output[0])
+    ctx.save_for_backward(clean_indices, patched_indices, grad, W_dec, output[2])
     ctx.value_dtypes = (clean_values.dtype, patched_values.dtype)
 
 
@@ -148,7 +149,7 @@ def _register(ops: Kernels) -> None:
     output gradients, run on this backend's kernels.
     """
 
-    def backward(ctx, _grad_union, grad_deltas, grad_dots):
+    def backward(ctx, grad_deltas, grad_dots, _grad_union):
         clean_indices, patched_indices, grad, W_dec, union_indices = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_clean = grad_patched = grad_grad = grad_W_dec = None
