@@ -1,0 +1,43 @@
+"""The worked attribution examples (examples/), as tests with fixed seeds."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def quiet(*args):
+    pass
+
+
+def test_copy_task_attribution_ranks_the_copied_attribute_first():
+    example = load_example("copy_attribution")
+    outcome = example.run(model_steps=400, sae_steps=400, log=quiet)
+    assert outcome.accuracy > 0.99  # the model does copy the first token's attribute
+    assert outcome.fvu < 0.1
+    wanted = {outcome.clean_attribute, outcome.patched_attribute}
+    # Ground truth: both copied attributes have a latent pointing along them ...
+    assert wanted <= set(outcome.carriers.values())
+    # ... and attribution ranks exactly those first; before training no latent points along them.
+    assert outcome.top_carry(2) == 2
+    assert {outcome.carriers[latent] for latent, _ in outcome.ranking[:2]} == wanted
+    assert outcome.top_carry(2, trained=False) == 0
+
+
+@pytest.mark.slow
+def test_copy_task_attribution_default_run_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    example = load_example("copy_attribution")
+    assert example.main(["--plot", str(tmp_path / "copy.png")]) == 0
+    assert (tmp_path / "copy.png").stat().st_size > 10_000
