@@ -380,3 +380,26 @@ def test_hooks_are_removed_when_the_metric_fails(toy):
     with pytest.raises(RuntimeError, match="metric failed"):
         attribute(model, sites, tokens(seed=1), tokens(seed=2), failing)
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_an_accelerated_sparsify_coder_is_a_site():
+    """A peer SAE through its public adapter: the same scores as interpkernels' TopKSAE holding its weights."""
+    sparsify = pytest.importorskip("sparsify")
+    from interpkernels.integrations import sparsify as adapter
+
+    torch.manual_seed(0)
+    model = ToyModel().double()
+    peer = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=M, k=K), device="cpu",
+                                dtype=torch.float64)
+    ours = make_sae(50)
+    with torch.no_grad():
+        peer.encoder.weight.copy_(ours.W_enc)
+        peer.encoder.bias.copy_(ours.b_enc)
+        peer.W_dec.copy_(ours.W_dec)
+        peer.b_dec.copy_(ours.b_dec)
+    clean, patched = tokens(seed=11), tokens(seed=12)
+    expected = attribute(model, {"blocks.1": ours}, clean, patched, logit_difference, edges=None)
+    got = attribute(model, {"blocks.1": adapter.accelerate(peer)}, clean, patched, logit_difference)
+    torch.testing.assert_close(got.nodes["blocks.1"].latents.to_dense(), expected.nodes["blocks.1"].latents.to_dense())
+    torch.testing.assert_close(got.nodes["blocks.1"].error, expected.nodes["blocks.1"].error)
+    assert expected.nodes["blocks.1"].latents.to_dense().abs().max() > 1e-6
