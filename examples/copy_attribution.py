@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", help="write the score plot here (needs matplotlib)")
     args = parser.parse_args(argv)
-    steps = dict(model_steps=400, sae_steps=400) if args.fast else {}
+    steps = dict(model_steps=200, sae_steps=300) if args.fast else {}
     outcome = run(seed=args.seed, **steps)
     if args.plot:
         plot(outcome, args.plot)
