@@ -339,19 +339,31 @@ def test_opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
-def test_opcheck_triton(triton_as_on_gpu):
+def triton_opcheck_samples():
+    code = [t.to(TRITON_DEVICE) for t in make_codes((5,), 3, 4, 2, 20, dtype=torch.float32)]
+    grad = randn(5, 6, dtype=torch.float32, device=TRITON_DEVICE).requires_grad_()
+    W_dec = randn(20, 6, dtype=torch.float32, device=TRITON_DEVICE).requires_grad_()
+    edge_args = make_edge_inputs(5, 4, 3, 20, 15, 6, torch.float32, TRITON_DEVICE)
+    yield ops.latent_attribution_triton.default, (code[0].requires_grad_(), code[1], code[2], code[3], grad, W_dec)
+    yield ops.error_attribution_triton.default, (grad, grad.detach() * 2, grad.detach())
+    yield ops.feature_edges_triton.default, (*(a.requires_grad_() if a.is_floating_point() else a for a in edge_args),
+                                             2, 0.1)
+
+
+def test_opcheck_triton_schema_and_fake(triton_as_on_gpu):
     if "triton" not in interpkernels.build_info()["backends"]:
         pytest.skip("triton is not usable here")
-    code = [t.to(TRITON_DEVICE) for t in make_codes((5,), 3, 4, 2, 20, dtype=torch.float32)]
-    grad, W_dec = randn(5, 6, dtype=torch.float32, device=TRITON_DEVICE), randn(20, 6, dtype=torch.float32,
-                                                                                device=TRITON_DEVICE)
-    edge_args = make_edge_inputs(5, 4, 3, 20, 15, 6, torch.float32, TRITON_DEVICE)
-    torch.library.opcheck(ops.latent_attribution_triton.default, (*code, grad, W_dec),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ops.error_attribution_triton.default, (grad, grad * 2, grad),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ops.feature_edges_triton.default, (*edge_args, 2, 0.1),
-                          test_utils=("test_schema", "test_faketensor"))
+    for op, args in triton_opcheck_samples():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_opcheck_triton_with_autograd(triton_as_on_gpu):
+    """The full opcheck (autograd registration, AOT dispatch): ~40 s under the interpreter."""
+    if "triton" not in interpkernels.build_info()["backends"]:
+        pytest.skip("triton is not usable here")
+    for op, args in triton_opcheck_samples():
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.slow

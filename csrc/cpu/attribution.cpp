@@ -175,7 +175,8 @@ at::Tensor error_attribution_cpu(const at::Tensor& clean_error, const at::Tensor
                                  const at::Tensor& grad) {
   check_error_attribution_args(clean_error, patched_error, grad);
   const int64_t N = grad.size(0), d = grad.size(1);
-  const at::Tensor clean_c = clean_error.contiguous(), patched_c = patched_error.contiguous(), grad_c = grad.contiguous();
+  const at::Tensor clean_c = clean_error.contiguous(), patched_c = patched_error.contiguous(),
+                   grad_c = grad.contiguous();
   at::Tensor out = at::empty({N}, grad.options().dtype(score_dtype(grad)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "error_attribution_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

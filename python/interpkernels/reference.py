@@ -279,13 +279,14 @@ def sparse_edges(
     src = src_indices.reshape(N, src_indices.shape[-1]).long()
     src_latents = src.gather(1, src_slots.clamp_min(0).reshape(N, k_dst * kept)).reshape(src_slots.shape)
     dst_latents = dst_indices.reshape(N, k_dst, 1).long().expand(src_slots.shape)
-    survivors = src_slots >= 0
-    latent_coordinates = [dst_latents[survivors], src_latents[survivors]]
+    survivors = (src_slots >= 0).reshape(-1).nonzero().squeeze(1)  # found once, used for every coordinate
+    latent_coordinates = [dst_latents.reshape(-1)[survivors], src_latents.reshape(-1)[survivors]]
+    kept_values = values.reshape(-1)[survivors]
     if reduce == "sum":
-        return torch.sparse_coo_tensor(torch.stack(latent_coordinates), values[survivors], latent_shape,
+        return torch.sparse_coo_tensor(torch.stack(latent_coordinates), kept_values, latent_shape,
                                        check_invariants=False).coalesce()
-    tokens = torch.arange(N, device=values.device).view(N, 1, 1).expand(src_slots.shape)[survivors]
+    tokens = survivors // (k_dst * kept)
     leading = src_indices.shape[:-1]
     coordinates = torch.stack([*token_coordinates(tokens, leading), *latent_coordinates])
-    return torch.sparse_coo_tensor(coordinates, values[survivors], (*leading, *latent_shape),
+    return torch.sparse_coo_tensor(coordinates, kept_values, (*leading, *latent_shape),
                                    check_invariants=False).coalesce()

@@ -5,6 +5,9 @@ module (`python -m interpkernels.benchmarks.<op>`) defines its cases.
 """
 
 from interpkernels.benchmarks import jumprelu_encode, sae_training_step, sparse_decode, topk_encode
+from interpkernels.benchmarks import error_attribution, feature_edges, latent_attribution
 
 OPS = {"topk_encode": topk_encode, "jumprelu_encode": jumprelu_encode, "sparse_decode": sparse_decode,
        "sae_training_step": sae_training_step}
+# attribution patching
+OPS.update(latent_attribution=latent_attribution, error_attribution=error_attribution, feature_edges=feature_edges)

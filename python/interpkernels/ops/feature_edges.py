@@ -111,7 +111,8 @@ def _validate(src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_sc
 def _feature_edges_fake(src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale, top_k, threshold):
     k_src = src_indices.shape[1]
     shape = (src_values.shape[0], dst_indices.shape[1], k_src if top_k is None else min(top_k, k_src))
-    return src_values.new_empty(shape, dtype=reference.attribution_dtype(src_values.dtype)), src_indices.new_empty(shape)
+    values = src_values.new_empty(shape, dtype=reference.attribution_dtype(src_values.dtype))
+    return values, src_indices.new_empty(shape)
 
 
 def _feature_edges_setup(ctx, inputs, output):

@@ -76,11 +76,15 @@ def _reduce(scores: torch.Tensor, union_indices: torch.Tensor, num_latents: int,
             leading: torch.Size) -> torch.Tensor:
     """Per-slot scores [N, K] (0 at slots -1) in the requested output form."""
     if reduce == "none":
+        # A row holds each latent once: sorted within rows (slots -1 first), the
+        # entries are coalesced as they stand, with no global sort.
+        union_indices, order = union_indices.sort(dim=-1)
+        scores = scores.gather(1, order)
         kept = union_indices >= 0
         tokens = kept.nonzero(as_tuple=True)[0]
         coordinates = torch.stack([*reference.token_coordinates(tokens, leading), union_indices[kept]])
-        return torch.sparse_coo_tensor(coordinates, scores[kept], (*leading, num_latents),
-                                       check_invariants=False).coalesce()
+        return torch.sparse_coo_tensor(coordinates, scores[kept], (*leading, num_latents), is_coalesced=True,
+                                       check_invariants=False)
     contributions = (scores if reduce == "sum" else scores.abs()).reshape(-1)
     # Slots -1 add an exact 0 to latent 0. index_put_ with accumulate=True sums
     # serially on CPU and by a stable sort on CUDA: deterministic on both.
