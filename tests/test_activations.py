@@ -85,3 +85,9 @@ def test_harvest_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no tokens"):
         activations.harvest(model, ["block"], [], tmp_path, progress=False)
     assert not model.block._forward_hooks
+
+
+def test_harvest_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    activations.harvest(Tagger(), ["block"], padded_batches(2), tmp_path, max_tokens=10)
+    err = capsys.readouterr().err
+    assert "harvested 10 of 10 tokens" in err and "\r" not in err

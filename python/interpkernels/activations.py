@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,39 @@ def load(directory: str | Path) -> dict[str, HarvestedSite]:
             for name, entry in manifest["sites"].items()}
 
 
+class HarvestProgress:
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line every
+    `PLAIN_LINE_SECONDS` and at the end, never '\\r'."""
+
+    PLAIN_LINE_SECONDS = 10.0
+
+    def __init__(self, total: int | None, enabled: bool):
+        self.total, self.enabled, self.rows = total, enabled, 0
+        self.started = self.last_line = time.perf_counter()
+        self.bar = tqdm(total=total, unit="tok", file=sys.stderr, dynamic_ncols=True) \
+            if enabled and sys.stderr.isatty() else None
+
+    def advance(self, rows: int) -> None:
+        self.rows += rows
+        if self.bar is not None:
+            self.bar.update(rows)
+        elif self.enabled and time.perf_counter() - self.last_line >= self.PLAIN_LINE_SECONDS:
+            self.line()
+
+    def line(self) -> None:
+        self.last_line = time.perf_counter()
+        elapsed = self.last_line - self.started
+        of = f" of {self.total:,}" if self.total else ""
+        print(f"harvested {self.rows:,}{of} tokens  {self.rows / max(elapsed, 1e-9):,.0f} tok/s  "
+              f"elapsed {tqdm.format_interval(elapsed)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            self.line()
+
+
 def _token_mask(batch: object) -> torch.Tensor | None:
     if isinstance(batch, Mapping) and "attention_mask" in batch:
         return batch["attention_mask"].bool()
@@ -102,8 +136,9 @@ def harvest(
     """Run ``model`` over ``batches`` (each passed as in :func:`call_model`) under
     ``torch.no_grad`` and append every site's activations ``[tokens, d]`` to its
     file. Stops after ``max_tokens`` rows (the last batch cut). Files already in
-    ``directory`` for these sites are replaced. Shows a tqdm bar on stderr
-    (``progress=False``: none). Hooks are removed whatever happens."""
+    ``directory`` for these sites are replaced. Shows progress on stderr
+    (:class:`HarvestProgress`; ``progress=False``: none). Hooks are removed
+    whatever happens."""
     if isinstance(sites, str) or not sites:
         raise TypeError("sites: expected a non-empty sequence of submodule names")
     modules = dict(model.named_modules())
@@ -124,7 +159,7 @@ def harvest(
         lambda module, args, output, name=name: captured.__setitem__(name, output_tensor(name, output)))
         for name in sites]
     rows = 0
-    bar = tqdm(total=max_tokens, unit="tok", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = HarvestProgress(max_tokens, progress)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -147,7 +182,7 @@ def harvest(
                     ids = ids[mask] if mask is not None else ids.reshape(-1)
                     tokens_file.write(ids[:take].long().cpu().numpy().tobytes())
                 rows += added
-                bar.update(added)
+                bar.advance(added)
                 if max_tokens is not None and rows >= max_tokens:
                     break
     finally:
