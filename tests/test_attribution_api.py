@@ -303,11 +303,40 @@ def test_direct_edges_are_the_full_edges_across_a_pure_residual_path():
     assert (kept.indices()[:3].T.unique(dim=0, return_counts=True)[1] <= 2).all()
 
 
+def hooked_edge_mask_oracle(model, sites, clean, patched, metric, src_name, dst_name, dst_latents):
+    """Edges src -> dst for any hooked model: d/dmask of sum_n dm/dF_dst[n, b] * F_dst[n, b]
+    where the mask scales the source's patched-minus-clean code (and error) added
+    at the source site; dm/dF_dst from :func:`dense_oracle` (the product rule
+    splits the edge mask's derivative at zero into these two factors)."""
+    gF_dst = dense_oracle(model, sites, clean, patched, metric)[dst_name][1]
+    dF_src, _, deps_src, _ = dense_oracle(model, sites, clean, patched, metric)[src_name]
+    mask = torch.zeros(M, dtype=torch.float64, requires_grad=True)
+    error_mask = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    captured = {}
+
+    def splice(name, coder, args, output):
+        F, eps = dense_site(coder, args, first(output))
+        x = F @ coder.W_dec + coder.b_dec + eps
+        if name == src_name:
+            x = x + (mask * dF_src) @ coder.W_dec + error_mask * deps_src
+        captured[name] = F
+        return with_first(output, x)
+
+    run_with(model, sites, clean, splice)
+    rows, error_rows = [], []
+    for b in dst_latents.tolist():
+        target = (gF_dst[..., b] * captured[dst_name][..., b]).sum()
+        grads = torch.autograd.grad(target, [mask, error_mask], retain_graph=True)
+        rows.append(grads[0])
+        error_rows.append(grads[1])
+    return torch.stack(rows), torch.stack(error_rows)
+
+
 # ---------------------------------------------------------------------------
 # Real model classes, built from tiny random configs (nothing downloaded).
 
 
-def test_gpt2_atp_and_ig_match_dense_autograd():
+def test_gpt2_atp_ig_and_edges_match_dense_autograd():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=16, vocab_size=VOCAB,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -319,8 +348,14 @@ def test_gpt2_atp_and_ig_match_dense_autograd():
     def metric(output):
         return logit_difference(output.logits)
 
-    result = attribute(model, sites, clean, patched, metric)
+    result = attribute(model, sites, clean, patched, metric, edges="full", edge_features=None, edge_batch_size=4)
     check_nodes(result, dense_oracle(model, sites, clean, patched, metric))
+    edges = result.edges[("transformer.h.0", "transformer.h.1")]
+    expected, expected_error = hooked_edge_mask_oracle(model, sites, clean, patched, metric, "transformer.h.0",
+                                                       "transformer.h.1", edges.dst_latents)
+    torch.testing.assert_close(edges.latents.to_dense(), expected, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(edges.error, expected_error, atol=1e-10, rtol=1e-8)
+    assert len(edges.dst_latents) > 4 and expected.abs().max() > 1e-6  # two batches of destinations
     ig = attribute(model, sites, clean, patched, metric, method="ig", steps=2)
     name = "transformer.h.0"
     expected = sum(dF * gF / 2 for dF, gF, _, _ in
@@ -328,7 +363,7 @@ def test_gpt2_atp_and_ig_match_dense_autograd():
     torch.testing.assert_close(ig.nodes[name].latents.to_dense(), expected, atol=1e-10, rtol=1e-8)
 
 
-def test_transformer_lens_atp_matches_dense_autograd():
+def test_transformer_lens_atp_and_edges_match_dense_autograd():
     lens = pytest.importorskip("transformer_lens")
     config = lens.HookedTransformerConfig(n_layers=2, d_model=16, d_head=8, n_heads=2, d_mlp=32, d_vocab=VOCAB,
                                           n_ctx=16, act_fn="gelu", dtype=torch.float64, seed=0)
@@ -337,7 +372,13 @@ def test_transformer_lens_atp_matches_dense_autograd():
     clean, patched = tokens(2, seed=9), tokens(2, seed=10)
     result = attribute(model, sites, clean, patched, logit_difference, edges="full")
     check_nodes(result, dense_oracle(model, sites, clean, patched, logit_difference))
-    assert result.edges[("blocks.0.hook_resid_post", "blocks.1.hook_resid_mid")].latents.shape[1] == M
+    edges = result.edges[("blocks.0.hook_resid_post", "blocks.1.hook_resid_mid")]
+    expected, expected_error = hooked_edge_mask_oracle(model, sites, clean, patched, logit_difference,
+                                                       "blocks.0.hook_resid_post", "blocks.1.hook_resid_mid",
+                                                       edges.dst_latents)
+    torch.testing.assert_close(edges.latents.to_dense(), expected, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(edges.error, expected_error, atol=1e-10, rtol=1e-8)
+    assert expected.abs().max() > 1e-6
 
 
 # ---------------------------------------------------------------------------
