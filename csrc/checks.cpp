@@ -160,6 +160,25 @@ void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tens
   check_indices_in_range(indices, num_latents, "indices");
 }
 
+void check_latent_grouping_args(const at::Tensor& indices, int64_t num_latents) {
+  TORCH_CHECK_VALUE(indices.dim() == 2, "indices: expected shape [N, k], got ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(num_latents >= 0, "num_latents: expected a non-negative count, got ", num_latents);
+  check_indices_in_range(indices, num_latents, "indices");
+}
+
+int64_t check_grouped_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices,
+                                            const at::Tensor& dense, const at::Tensor& grouping) {
+  TORCH_CHECK_TYPE(grouping.scalar_type() == at::kLong && grouping.dim() == 1 &&
+                       grouping.numel() >= values.numel() + 1,
+                   "grouping: expected the int64 [num_latents + 1 + N*k] of latent_grouping(indices), got ",
+                   grouping.scalar_type(), " ", grouping.sizes());
+  check_on_device(grouping, dense.device(), "grouping");
+  const int64_t num_latents = grouping.numel() - 1 - values.numel();
+  check_sparse_transpose_matmul_args(values, indices, dense, num_latents);
+  return num_latents;
+}
+
 void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G) {
   TORCH_CHECK_VALUE(h.dim() == 3 && B.dim() == 3 && G.dim() == 3 && B.size(0) == h.size(1) && B.size(1) == h.size(2) &&
                         G.size(0) == h.size(0) && G.size(2) == B.size(2),

@@ -24,6 +24,16 @@ TORCH_LIBRARY(interpkernels, m) {
   // those values. The gradient of a weight gathered by indices.
   m.def("sparse_transpose_matmul(Tensor values, Tensor indices, Tensor dense, int num_latents) "
         "-> (Tensor rows, Tensor value_sums)");
+  // The entries of a code grouped by latent, int64 [num_latents + 1 + N*k]:
+  // offsets [num_latents + 1], then the flat positions n*k + j of latent i's
+  // entries in increasing order at [num_latents + 1 + offsets[i], ... + offsets[i+1]).
+  // What sparse_transpose_matmul builds first; built once, it serves every
+  // product of one code (the decoder's and the encoder's weight gradients).
+  m.def("latent_grouping(Tensor indices, int num_latents) -> Tensor");
+  // sparse_transpose_matmul with the grouping of `indices` given
+  // (num_latents = grouping.numel() - 1 - N*k).
+  m.def("grouped_transpose_matmul(Tensor values, Tensor indices, Tensor dense, Tensor grouping) "
+        "-> (Tensor rows, Tensor value_sums)");
   // SAE training helpers (in place on contiguous [M, d] rows):
   // grad[i] -= (grad[i] . weight[i]) weight[i] / ||weight[i]||^2, and weight[i] /= ||weight[i]||.
   m.def("remove_parallel_component_(Tensor(a!) grad, Tensor weight) -> ()");

@@ -23,7 +23,8 @@ import os
 import torch
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-_OPS = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "remove_parallel_component_",
+_OPS = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "latent_grouping",
+        "grouped_transpose_matmul", "remove_parallel_component_",
         "normalize_rows_", "fvu", "component_attribution",
         # attribution patching
         "latent_attribution", "error_attribution", "feature_edges")

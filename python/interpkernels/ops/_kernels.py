@@ -17,7 +17,8 @@ import torch
 from interpkernels import _validation as v
 
 _ops = torch.ops.interpkernels
-_OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "remove_parallel_component_",
+_OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "latent_grouping",
+             "grouped_transpose_matmul", "remove_parallel_component_",
              "normalize_rows_", "fvu", "component_attribution",
              # attribution patching
              "latent_attribution", "error_attribution", "feature_edges")
@@ -28,6 +29,8 @@ class Kernels(NamedTuple):
     sparse_decode: torch._ops.OpOverload
     gathered_dot: torch._ops.OpOverload
     sparse_transpose_matmul: torch._ops.OpOverload
+    latent_grouping: torch._ops.OpOverload
+    grouped_transpose_matmul: torch._ops.OpOverload
     remove_parallel_component_: torch._ops.OpOverload
     normalize_rows_: torch._ops.OpOverload
     fvu: torch._ops.OpOverload
@@ -79,6 +82,19 @@ def _sparse_transpose_matmul_triton(values, indices, dense, num_latents):
     return _triton_kernels().sparse_transpose_matmul(values, indices, dense, num_latents)
 
 
+def _latent_grouping_triton(indices, num_latents):
+    v.require_indices_in_range("indices", indices, num_latents)
+    return torch.cat(_triton_kernels().group_by_latent(indices, num_latents))
+
+
+def _grouped_transpose_matmul_triton(values, indices, dense, grouping):
+    _check_triton_dtype(dense)
+    num_latents = grouping.numel() - 1 - indices.numel()
+    v.require_indices_in_range("indices", indices, num_latents)
+    groups = (grouping[:num_latents + 1], grouping[num_latents + 1:])
+    return _triton_kernels().sparse_transpose_matmul(values, indices, dense, num_latents, groups)
+
+
 def _remove_parallel_component_triton(grad, weight):
     _check_triton_dtype(grad)
     _triton_kernels().remove_parallel_component_(grad, weight)
@@ -125,7 +141,8 @@ def _feature_edges_triton(src_values, src_indices, W_dec_src, dst_indices, W_enc
 
 _library = torch.library.Library("interpkernels", "FRAGMENT")
 for _name, _impl in zip(_OP_NAMES, (_topk_encode_triton, _sparse_decode_triton, _gathered_dot_triton,
-                                    _sparse_transpose_matmul_triton, _remove_parallel_component_triton,
+                                    _sparse_transpose_matmul_triton, _latent_grouping_triton,
+                                    _grouped_transpose_matmul_triton, _remove_parallel_component_triton,
                                     _normalize_rows_triton, _fvu_triton, _component_attribution_triton,
                                     _latent_attribution_triton,
                                     _error_attribution_triton, _feature_edges_triton)):
