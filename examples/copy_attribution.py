@@ -14,7 +14,7 @@ Clean and patched inputs differ only in the first token's attribute;
 ``logit[a_clean] - logit[a_patched]`` must rank those carrier latents first.
 The same check with the SAE before training is reported beside it.
 
-    python examples/copy_attribution.py [--fast] [--plot docs/copy_attribution.png]
+    python examples/copy_attribution.py [--fast] [--plot docs/images/copy_attribution.png]
 
 Three generators that never meet: the task's (data, ground truth), the
 model's initial weights and the SAE's (interpkernels.nn hashes its seed).

