@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -159,6 +160,25 @@ void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tens
   check_indices_in_range(indices, num_latents, "indices");
 }
 
+void check_latent_grouping_args(const at::Tensor& indices, int64_t num_latents) {
+  TORCH_CHECK_VALUE(indices.dim() == 2, "indices: expected shape [N, k], got ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices: expected int64, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(num_latents >= 0, "num_latents: expected a non-negative count, got ", num_latents);
+  check_indices_in_range(indices, num_latents, "indices");
+}
+
+int64_t check_grouped_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices,
+                                            const at::Tensor& dense, const at::Tensor& grouping) {
+  TORCH_CHECK_TYPE(grouping.scalar_type() == at::kLong && grouping.dim() == 1 &&
+                       grouping.numel() >= values.numel() + 1,
+                   "grouping: expected the int64 [num_latents + 1 + N*k] of latent_grouping(indices), got ",
+                   grouping.scalar_type(), " ", grouping.sizes());
+  check_on_device(grouping, dense.device(), "grouping");
+  const int64_t num_latents = grouping.numel() - 1 - values.numel();
+  check_sparse_transpose_matmul_args(values, indices, dense, num_latents);
+  return num_latents;
+}
+
 void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G) {
   TORCH_CHECK_VALUE(h.dim() == 3 && B.dim() == 3 && G.dim() == 3 && B.size(0) == h.size(1) && B.size(1) == h.size(2) &&
                         G.size(0) == h.size(0) && G.size(2) == B.size(2),
@@ -202,6 +222,68 @@ void check_masked_component_forward_args(const at::Tensor& x, const at::Tensor& 
     check_same_dtype(x, *bias, "bias");
     check_on_device(*bias, x.device(), "bias");
   }
+}
+
+// ---- Attribution patching ----
+
+namespace {
+
+void check_code_of_rows(const at::Tensor& values, const at::Tensor& indices, int64_t rows, const at::Tensor& like,
+                        const char* values_name, const char* indices_name) {
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == rows, values_name, ": expected shape [N, k] with N = ",
+                    rows, ", got ", values.sizes());
+  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), indices_name, ": expected shape ", values.sizes(), " (that of ",
+                    values_name, "), got ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, indices_name, ": expected int64, got ", indices.scalar_type());
+  check_same_dtype(like, values, values_name);
+  check_on_device(values, like.device(), values_name);
+  check_on_device(indices, like.device(), indices_name);
+}
+
+}  // namespace
+
+void check_latent_attribution_args(const at::Tensor& clean_values, const at::Tensor& clean_indices,
+                                   const at::Tensor& patched_values, const at::Tensor& patched_indices,
+                                   const at::Tensor& grad, const at::Tensor& W_dec) {
+  TORCH_CHECK_VALUE(grad.dim() == 2 && W_dec.dim() == 2 && grad.size(1) == W_dec.size(1),
+                    "latent_attribution: expected grad [N, d] and W_dec [M, d], got ", grad.sizes(), " and ",
+                    W_dec.sizes());
+  check_same_dtype(grad, W_dec, "W_dec");
+  check_on_device(W_dec, grad.device(), "W_dec");
+  check_code_of_rows(clean_values, clean_indices, grad.size(0), grad, "clean_values", "clean_indices");
+  check_code_of_rows(patched_values, patched_indices, grad.size(0), grad, "patched_values", "patched_indices");
+  check_indices_in_range(clean_indices, W_dec.size(0), "clean_indices");
+  check_indices_in_range(patched_indices, W_dec.size(0), "patched_indices");
+}
+
+void check_error_attribution_args(const at::Tensor& clean_error, const at::Tensor& patched_error,
+                                  const at::Tensor& grad) {
+  TORCH_CHECK_VALUE(grad.dim() == 2, "grad: expected shape [N, d], got ", grad.sizes());
+  TORCH_CHECK_VALUE(clean_error.sizes() == grad.sizes(), "clean_error: expected shape ", grad.sizes(),
+                    " (that of grad), got ", clean_error.sizes());
+  TORCH_CHECK_VALUE(patched_error.sizes() == grad.sizes(), "patched_error: expected shape ", grad.sizes(),
+                    " (that of grad), got ", patched_error.sizes());
+  check_same_dtype(grad, clean_error, "clean_error");
+  check_same_dtype(grad, patched_error, "patched_error");
+  check_on_device(clean_error, grad.device(), "clean_error");
+  check_on_device(patched_error, grad.device(), "patched_error");
+}
+
+void check_feature_edges_args(const at::Tensor& src_values, const at::Tensor& src_indices, const at::Tensor& W_dec_src,
+                              const at::Tensor& dst_indices, const at::Tensor& W_enc_dst, const at::Tensor& dst_scale,
+                              std::optional<int64_t> top_k, std::optional<double> threshold) {
+  TORCH_CHECK_VALUE(W_dec_src.dim() == 2 && W_enc_dst.dim() == 2 && W_dec_src.size(1) == W_enc_dst.size(1),
+                    "feature_edges: expected W_dec_src [M_src, d] and W_enc_dst [M_dst, d], got ", W_dec_src.sizes(),
+                    " and ", W_enc_dst.sizes());
+  check_same_dtype(W_dec_src, W_enc_dst, "W_enc_dst");
+  check_on_device(W_enc_dst, W_dec_src.device(), "W_enc_dst");
+  TORCH_CHECK_VALUE(src_values.dim() == 2, "src_values: expected shape [N, k_src], got ", src_values.sizes());
+  check_code_of_rows(src_values, src_indices, src_values.size(0), W_dec_src, "src_values", "src_indices");
+  check_code_of_rows(dst_scale, dst_indices, src_values.size(0), W_dec_src, "dst_scale", "dst_indices");
+  TORCH_CHECK_VALUE(!top_k.has_value() || *top_k >= 1, "top_k: expected at least 1, got ", top_k.value_or(0));
+  TORCH_CHECK_VALUE(!threshold.has_value() || !std::isnan(*threshold), "threshold: expected a number, got NaN");
+  check_indices_in_range(src_indices, W_dec_src.size(0), "src_indices");
+  check_indices_in_range(dst_indices, W_enc_dst.size(0), "dst_indices");
 }
 
 }  // namespace interpkernels

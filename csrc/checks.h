@@ -45,6 +45,12 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const 
                             const std::optional<at::Tensor>& threshold);
 void check_sparse_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& dense,
                                         int64_t num_latents);
+// latent_grouping's: int64 indices [N, k] in [0, num_latents).
+void check_latent_grouping_args(const at::Tensor& indices, int64_t num_latents);
+// grouped_transpose_matmul's, as sparse_transpose_matmul's with a grouping
+// (int64, 1-D, at least N*k + 1 long, on dense's device); returns num_latents.
+int64_t check_grouped_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices,
+                                            const at::Tensor& dense, const at::Tensor& grouping);
 
 // component_attribution's h [N, C, m], B [C, m, d], G [N, O, d]: one dtype, one device.
 void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G);
@@ -55,5 +61,16 @@ void check_masked_component_forward_args(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& U, const std::optional<at::Tensor>& W_delta,
                                          const std::optional<at::Tensor>& delta_mask,
                                          const std::optional<at::Tensor>& bias);
+
+// ---- Attribution patching: every check of each op's arguments (shapes,
+// dtypes, devices, index range), for the kernels of every device.
+void check_latent_attribution_args(const at::Tensor& clean_values, const at::Tensor& clean_indices,
+                                   const at::Tensor& patched_values, const at::Tensor& patched_indices,
+                                   const at::Tensor& grad, const at::Tensor& W_dec);
+void check_error_attribution_args(const at::Tensor& clean_error, const at::Tensor& patched_error,
+                                  const at::Tensor& grad);
+void check_feature_edges_args(const at::Tensor& src_values, const at::Tensor& src_indices, const at::Tensor& W_dec_src,
+                              const at::Tensor& dst_indices, const at::Tensor& W_enc_dst, const at::Tensor& dst_scale,
+                              std::optional<int64_t> top_k, std::optional<double> threshold);
 
 }  // namespace interpkernels

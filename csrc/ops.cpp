@@ -24,6 +24,16 @@ TORCH_LIBRARY(interpkernels, m) {
   // those values. The gradient of a weight gathered by indices.
   m.def("sparse_transpose_matmul(Tensor values, Tensor indices, Tensor dense, int num_latents) "
         "-> (Tensor rows, Tensor value_sums)");
+  // The entries of a code grouped by latent, int64 [num_latents + 1 + N*k]:
+  // offsets [num_latents + 1], then the flat positions n*k + j of latent i's
+  // entries in increasing order at [num_latents + 1 + offsets[i], ... + offsets[i+1]).
+  // What sparse_transpose_matmul builds first; built once, it serves every
+  // product of one code (the decoder's and the encoder's weight gradients).
+  m.def("latent_grouping(Tensor indices, int num_latents) -> Tensor");
+  // sparse_transpose_matmul with the grouping of `indices` given
+  // (num_latents = grouping.numel() - 1 - N*k).
+  m.def("grouped_transpose_matmul(Tensor values, Tensor indices, Tensor dense, Tensor grouping) "
+        "-> (Tensor rows, Tensor value_sums)");
   // SAE training helpers (in place on contiguous [M, d] rows):
   // grad[i] -= (grad[i] . weight[i]) weight[i] / ||weight[i]||^2, and weight[i] /= ||weight[i]||.
   m.def("remove_parallel_component_(Tensor(a!) grad, Tensor weight) -> ()");
@@ -42,4 +52,23 @@ TORCH_LIBRARY(interpkernels, m) {
   // SPD's masked forward (delta_mask without W_delta is refused).
   m.def("masked_component_forward(Tensor x, Tensor h, Tensor mask, Tensor U, Tensor? W_delta, "
         "Tensor? delta_mask, Tensor? bias) -> Tensor");
+
+  // ---- Attribution patching (SPEC §4; ops/latent_attribution.py and siblings) ----
+  // Per row n, the slots s < k_c + k_p of the clean entries then the patched
+  // ones: union_indices[n, s] = that entry's latent where s is the first slot
+  // holding it, else -1 (a latent in both supports is kept once);
+  // deltas[n, s] = f_p - f_c at that latent (sums over the row's entries);
+  // dots[n, s] = W_dec[latent] . grad[n]; both 0 at -1 slots. Scores are
+  // deltas * dots. Outputs float32 (float64 for float64 inputs).
+  m.def("latent_attribution(Tensor clean_values, Tensor clean_indices, Tensor patched_values, "
+        "Tensor patched_indices, Tensor grad, Tensor W_dec) -> (Tensor deltas, Tensor dots, Tensor union_indices)");
+  // out [N] = (patched_error - clean_error)[n] . grad[n], float32 (float64 for float64).
+  m.def("error_attribution(Tensor clean_error, Tensor patched_error, Tensor grad) -> Tensor");
+  // E[n, i, j] = dst_scale[n, i] * (W_enc_dst[dst_indices[n, i]] . W_dec_src[src_indices[n, j]]) * src_values[n, j]
+  // pruned per destination (n, i): the top_k largest |E| (NaN as +inf, ties to
+  // lower j), of those |E| >= threshold. (values, src_slots) [N, k_dst, K],
+  // K = min(top_k, k_src) (k_src without top_k): the survivors first, by
+  // decreasing |E| with top_k, by increasing j without; then src_slot -1, value 0.
+  m.def("feature_edges(Tensor src_values, Tensor src_indices, Tensor W_dec_src, Tensor dst_indices, "
+        "Tensor W_enc_dst, Tensor dst_scale, int? top_k, float? threshold) -> (Tensor values, Tensor src_slots)");
 }

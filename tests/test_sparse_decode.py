@@ -166,6 +166,10 @@ def opcheck_samples():
     torch.manual_seed(0)  # runs at collection, before the seeding fixture
     values, indices = make_code((7,), 3, 20, torch.float32)
     W_dec = torch.randn(20, 6)
+    grouping = ops.latent_grouping(indices, 20)
+    yield ops.latent_grouping.default, (indices, 20)
+    yield ops.grouped_transpose_matmul.default, (values.clone().requires_grad_(), indices,
+                                                  torch.randn(7, 6, requires_grad=True), grouping)
     yield ops.sparse_decode.default, (values, indices, W_dec, torch.randn(6))
     yield ops.sparse_decode.default, (values.requires_grad_(), indices, W_dec.requires_grad_(), None)
     yield ops.gathered_dot.default, (torch.randn(7, 6, requires_grad=True), indices, W_dec)
@@ -187,6 +191,47 @@ def test_bitwise_deterministic_run_to_run(dtype, target):
     runs = [decode_grads(decode, *inputs) for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+def test_grouping_is_the_stable_csr_and_grouped_products_match(target):
+    values, indices = make_code((40,), 6, 23, torch.float32, unique=False)
+    dense = torch.randn(40, 9)
+    values, indices, dense = target.put(values, indices, dense)
+    grouping = target.op("latent_grouping")(indices, 23).cpu()
+    offsets, order = grouping[:24], grouping[24:]
+    flat = indices.reshape(-1).cpu()
+    assert torch.equal(offsets, torch.searchsorted(flat.sort().values, torch.arange(24)))
+    assert torch.equal(order, flat.sort(stable=True).indices)
+    grouped = target.op("grouped_transpose_matmul")(values, indices, dense, grouping.to(target.device))
+    for got, want in zip(grouped, target.op("sparse_transpose_matmul")(values, indices, dense, 23)):
+        assert torch.equal(got, want)
+
+
+def test_one_sae_step_groups_each_code_once():
+    """The decoder's and the encoder's weight gradients share the code's
+    grouping; AuxK's code gets its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from interpkernels.nn import TopKSAE
+
+    class CountGroupings(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.name() in ("interpkernels::latent_grouping", "interpkernels::sparse_transpose_matmul")
+            return func(*args, **(kwargs or {}))
+
+    module = TopKSAE(12, 64, 4, k_aux=6, seed=0)
+    x = torch.randn(30, 12)
+    for dead_mask, groupings in ((None, 1), (torch.arange(64) % 3 == 0, 2)):
+        out = module(x, dead_mask=dead_mask)
+        with CountGroupings() as counter:
+            (out.fvu + out.auxk_loss).backward()
+        assert counter.count == groupings
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+        module.zero_grad()
 
 
 def test_autocast_runs_in_the_autocast_dtype():

@@ -54,6 +54,11 @@ def test_triton_ops_pass_opcheck():
     torch.library.opcheck(ops.sparse_decode_triton.default, (values.requires_grad_(), indices, W, None))
     torch.library.opcheck(ops.gathered_dot_triton.default, (x, indices, W))
     torch.library.opcheck(ops.sparse_transpose_matmul_triton.default, (values, indices, x, M))
+    torch.library.opcheck(ops.latent_grouping_triton.default, (indices, M))
+    grouping = ops.latent_grouping_triton(indices, M)
+    assert torch.equal(grouping.cpu(), ops.latent_grouping(indices.cpu(), M))  # one layout on every backend
+    torch.library.opcheck(ops.grouped_transpose_matmul_triton.default,
+                          (values, indices, x.detach().requires_grad_(), grouping))
 
 
 def test_triton_backend_errors_like_the_cpp_ops():

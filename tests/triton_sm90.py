@@ -1,7 +1,7 @@
-"""Compiles the fused encoder's Triton kernels for Hopper (sm_90), no GPU needed
-(the launcher's default tiles for every dtype and option, and every tile shape
-its autotuner may pick):
-`python tests/triton_sm90.py` (test_triton_compile.py runs it). Not under
+"""Compiles every Triton kernel for Hopper (sm_90), no GPU needed: the fused
+encoder's (the launcher's default tiles for every dtype and option, and every
+tile shape its autotuner may pick), the component attribution's and the
+attribution-patching ops'. `python tests/triton_sm90.py` (test_triton_compile.py runs it). Not under
 TRITON_INTERPRET=1, where @triton.jit makes interpreted functions."""
 
 import importlib
@@ -13,7 +13,8 @@ from triton.compiler import ASTSource
 
 # The module, not the function of the same name that the package exports.
 encoder = importlib.import_module("interpkernels.triton_kernels.topk_encode")
-attribution = importlib.import_module("interpkernels.triton_kernels.component_attribution")
+components = importlib.import_module("interpkernels.triton_kernels.component_attribution")
+attribution = importlib.import_module("interpkernels.triton_kernels.attribution")
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
@@ -58,7 +59,52 @@ def component_attribution_kernel(dtype: str) -> None:
     types = dict(h_ptr=pointer, b_ptr=pointer, g_ptr=pointer, out_ptr=pointer, C="i32", m="i32", O="i32", d="i32",
                  **{f"stride_{name}": "i32" for name in ("hn", "hc", "hr", "bc", "br", "bd", "gn", "go", "gd")})
     constants = dict(BLOCK_C=64, BLOCK_O=64, BLOCK_D=64, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-    compile_for_hopper(attribution._component_attribution_kernel, types, constants)
+    compile_for_hopper(components._component_attribution_kernel, types, constants)
+
+# ---- attribution patching: the launchers' configurations at k = 64, per dtype ----
+
+
+def latent_attribution_kernel(dtype: str) -> None:
+    pointer = f"*{dtype}"
+    types = dict(clean_values_ptr=pointer, clean_indices_ptr="*i64", patched_values_ptr=pointer,
+                 patched_indices_ptr="*i64", grad_ptr=pointer, w_ptr=pointer, union_ptr="*i64", deltas_ptr="*fp32",
+                 dots_ptr="*fp32", k_clean="i32", k_patched="i32", d="i32", stride_gn="i32", stride_gd="i32",
+                 stride_wm="i32", stride_wd="i32")
+    compile_for_hopper(attribution._latent_attribution_kernel, types, dict(BLOCK_C=64, BLOCK_P=64, BLOCK_D=64),
+                       num_warps=4)
+
+
+def error_attribution_kernel(dtype: str) -> None:
+    pointer = f"*{dtype}"
+    types = dict(clean_ptr=pointer, patched_ptr=pointer, grad_ptr=pointer, out_ptr="*fp32", N="i32", d="i32",
+                 **{f"stride_{t}{a}": "i32" for t in "cpg" for a in "nd"})
+    compile_for_hopper(attribution._error_attribution_kernel, types, dict(BLOCK_N=16, BLOCK_D=128), num_warps=4)
+
+
+def feature_edges_kernel(dtype: str, rank: bool, has_threshold: bool) -> None:
+    pointer = f"*{dtype}"
+    types = dict(src_values_ptr=pointer, src_indices_ptr="*i64", w_dec_ptr=pointer, dst_indices_ptr="*i64",
+                 w_enc_ptr=pointer, dst_scale_ptr=pointer, values_ptr="*fp32", slots_ptr="*i64", k_src="i32",
+                 k_dst="i32", d="i32", kept="i32", threshold="fp32", stride_dm="i32", stride_dd="i32",
+                 stride_em="i32", stride_ed="i32")
+    constants = dict(RANK=rank, HAS_THRESHOLD=has_threshold, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                     BLOCK_DST=16, BLOCK_SRC=64, BLOCK_D=64)
+    compile_for_hopper(attribution._feature_edges_kernel, types, constants, num_warps=4)
+
+
+def attribution_kernels() -> int:
+    """Compiles and prints each configuration; returns how many (18)."""
+    compiled = 0
+    for dtype in ("fp32", "bf16", "fp16"):
+        latent_attribution_kernel(dtype)
+        print(f"_latent_attribution_kernel {dtype}: sm_90 cubin")
+        error_attribution_kernel(dtype)
+        print(f"_error_attribution_kernel {dtype}: sm_90 cubin")
+        for rank, has_threshold in itertools.product((False, True), (False, True)):
+            feature_edges_kernel(dtype, rank, has_threshold)
+            print(f"_feature_edges_kernel {dtype} rank={rank} threshold={has_threshold}: sm_90 cubin")
+        compiled += 6
+    return compiled
 
 
 def main() -> None:
@@ -82,6 +128,7 @@ def main() -> None:
         component_attribution_kernel(dtype)
         print(f"_component_attribution_kernel {dtype}: sm_90 cubin")
         compiled += 1
+    compiled += attribution_kernels()
     print(f"{compiled} kernels compiled")
 
 

@@ -4,19 +4,25 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <vector>
 
 namespace interpkernels::cpu {
 
-// The N*k entries of a sparse code grouped by latent (CSR of its transpose):
-// entries of latent i are entry_order[offsets[i] .. offsets[i+1]), flat
+// The N*k entries of a sparse code grouped by latent (CSR of its transpose),
+// in the layout of the latent_grouping op (csrc/ops.cpp): one int64 tensor
+// [M + 1 + N*k], offsets then entry order; entries of latent i are the flat
 // positions n*k + j in increasing order. Built by a counting sort, so the
 // grouping, and every reduction that walks it, is deterministic.
+at::Tensor group_by_latent(const at::Tensor& indices, int64_t num_latents);
+
+// Views into such a grouping.
 struct LatentGroups {
-  std::vector<int64_t> offsets;      // [M + 1]
-  std::vector<int64_t> entry_order;  // [N * k]
+  const int64_t* offsets;      // [M + 1]
+  const int64_t* entry_order;  // [N * k]
 };
 
-LatentGroups group_by_latent(const at::Tensor& indices, int64_t num_latents);
+inline LatentGroups latent_groups(const at::Tensor& grouping, int64_t num_latents) {
+  const int64_t* data = grouping.const_data_ptr<int64_t>();
+  return {data, data + num_latents + 1};
+}
 
 }  // namespace interpkernels::cpu

@@ -55,7 +55,7 @@ template <typename scalar_t>
 void sparse_transpose_matmul_rows(const scalar_t* values, const scalar_t* dense, const LatentGroups& groups, int64_t k,
                                   int64_t d, int64_t num_latents, scalar_t* rows, scalar_t* value_sums) {
   using acc_t = at::opmath_type<scalar_t>;
-#pragma omp parallel if (worth_parallel((groups.offsets.back() + num_latents) * d))
+#pragma omp parallel if (worth_parallel((groups.offsets[num_latents] + num_latents) * d))
   {
     std::vector<acc_t> acc(d);
     // Group sizes vary wildly (dead latents are empty): balance dynamically.
@@ -102,19 +102,35 @@ at::Tensor gathered_dot_cpu(const at::Tensor& dense, const at::Tensor& indices, 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor& values, const at::Tensor& indices,
-                                                              const at::Tensor& dense, int64_t num_latents) {
-  check_sparse_transpose_matmul_args(values, indices, dense, num_latents);
+std::tuple<at::Tensor, at::Tensor> grouped_rows(const at::Tensor& values, const at::Tensor& dense,
+                                                const at::Tensor& grouping, int64_t num_latents) {
   const int64_t k = values.size(1), d = dense.size(1);
-  const LatentGroups groups = group_by_latent(indices, num_latents);
   const at::Tensor values_c = values.contiguous(), dense_c = dense.contiguous();
   at::Tensor rows = new_output({num_latents, d}, dense.options());
   at::Tensor value_sums = new_output({num_latents}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "sparse_transpose_matmul_cpu", [&] {
-    sparse_transpose_matmul_rows<scalar_t>(values_c.data_ptr<scalar_t>(), dense_c.data_ptr<scalar_t>(), groups, k, d,
-                                           num_latents, rows.data_ptr<scalar_t>(), value_sums.data_ptr<scalar_t>());
+    sparse_transpose_matmul_rows<scalar_t>(values_c.data_ptr<scalar_t>(), dense_c.data_ptr<scalar_t>(),
+                                           latent_groups(grouping, num_latents), k, d, num_latents,
+                                           rows.data_ptr<scalar_t>(), value_sums.data_ptr<scalar_t>());
   });
   return {rows, value_sums};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cpu(const at::Tensor& values, const at::Tensor& indices,
+                                                              const at::Tensor& dense, int64_t num_latents) {
+  check_sparse_transpose_matmul_args(values, indices, dense, num_latents);
+  return grouped_rows(values, dense, group_by_latent(indices, num_latents), num_latents);
+}
+
+at::Tensor latent_grouping_cpu(const at::Tensor& indices, int64_t num_latents) {
+  check_latent_grouping_args(indices, num_latents);
+  return group_by_latent(indices, num_latents);
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_transpose_matmul_cpu(const at::Tensor& values, const at::Tensor& indices,
+                                                                const at::Tensor& dense, const at::Tensor& grouping) {
+  const int64_t num_latents = check_grouped_transpose_matmul_args(values, indices, dense, grouping);
+  return grouped_rows(values, dense, grouping.contiguous(), num_latents);
 }
 
 }  // namespace
@@ -123,6 +139,8 @@ TORCH_LIBRARY_IMPL(interpkernels, CPU, m) {
   m.impl("sparse_decode", &sparse_decode_cpu);
   m.impl("gathered_dot", &gathered_dot_cpu);
   m.impl("sparse_transpose_matmul", &sparse_transpose_matmul_cpu);
+  m.impl("latent_grouping", &latent_grouping_cpu);
+  m.impl("grouped_transpose_matmul", &grouped_transpose_matmul_cpu);
 }
 
 }  // namespace interpkernels::cpu

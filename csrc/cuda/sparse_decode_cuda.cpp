@@ -65,45 +65,68 @@ at::Tensor gathered_dot_cuda(const at::Tensor& dense, const at::Tensor& indices,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor& values, const at::Tensor& indices,
-                                                               const at::Tensor& dense, int64_t num_latents) {
-  const c10::cuda::CUDAGuard device_guard(dense.device());
-  check_sparse_transpose_matmul_args(values, indices, dense, num_latents);
-  const int64_t k = values.size(1), d = dense.size(1), num_entries = values.numel();
-
-  if (num_entries == 0) {
-    return {at::zeros({num_latents, d}, dense.options()), at::zeros({num_latents}, values.options())};
-  }
-  const at::Tensor values_c = values.contiguous(), indices_c = indices.contiguous(), dense_c = dense.contiguous();
+// The grouping layout of the latent_grouping op (csrc/ops.cpp): offsets
+// [num_latents + 1], then the entry order [N*k], built by a stable radix sort.
+at::Tensor group_by_latent(const at::Tensor& indices, int64_t num_latents) {
+  const int64_t num_entries = indices.numel();
+  at::Tensor grouping = at::zeros({num_latents + 1 + num_entries}, indices.options());
+  if (num_entries == 0) return grouping;
+  const at::Tensor indices_c = indices.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-
-  // CSR of the entries by latent. These temporaries may be freed before the
-  // kernels that use them have run: the caching allocator reuses their memory
-  // only for later work on this stream, which is ordered after those kernels.
-  at::Tensor offsets = at::empty({num_latents + 1}, indices.options());
-  at::Tensor entry_order = at::empty({num_entries}, indices.options());
+  int64_t* offsets = grouping.mutable_data_ptr<int64_t>();
   size_t workspace_bytes = 0;
   check_launch(kernels::launch_group_by_latent(indices_c.const_data_ptr<int64_t>(), num_entries, num_latents, nullptr,
                                                nullptr, nullptr, &workspace_bytes, stream),
                "group_by_latent (workspace query)");
+  // The workspace may be freed before the sort has run: the caching allocator
+  // reuses its memory only for later work on this stream, ordered after it.
   at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, indices.options().dtype(at::kByte));
-  check_launch(kernels::launch_group_by_latent(indices_c.const_data_ptr<int64_t>(), num_entries, num_latents,
-                                               offsets.mutable_data_ptr<int64_t>(),
-                                               entry_order.mutable_data_ptr<int64_t>(), workspace.mutable_data_ptr(),
+  check_launch(kernels::launch_group_by_latent(indices_c.const_data_ptr<int64_t>(), num_entries, num_latents, offsets,
+                                               offsets + num_latents + 1, workspace.mutable_data_ptr(),
                                                &workspace_bytes, stream),
                "group_by_latent");
+  return grouping;
+}
 
+std::tuple<at::Tensor, at::Tensor> grouped_rows(const at::Tensor& values, const at::Tensor& dense,
+                                                const at::Tensor& grouping, int64_t num_latents) {
+  const int64_t k = values.size(1), d = dense.size(1);
+  if (values.numel() == 0) {
+    return {at::zeros({num_latents, d}, dense.options()), at::zeros({num_latents}, values.options())};
+  }
+  const at::Tensor values_c = values.contiguous(), dense_c = dense.contiguous();
+  const int64_t* offsets = grouping.const_data_ptr<int64_t>();
   at::Tensor rows = new_output({num_latents, d}, dense.options());
   at::Tensor value_sums = new_output({num_latents}, values.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_float_type(dense.scalar_type(), "sparse_transpose_matmul", [&](auto element) {
     using scalar_t = decltype(element);
     check_launch(kernels::launch_sparse_transpose_matmul<scalar_t>(
-                     data_as<scalar_t>(values_c), data_as<scalar_t>(dense_c), offsets.const_data_ptr<int64_t>(),
-                     entry_order.const_data_ptr<int64_t>(), k, d, num_latents, mutable_data_as<scalar_t>(rows),
-                     mutable_data_as<scalar_t>(value_sums), stream),
+                     data_as<scalar_t>(values_c), data_as<scalar_t>(dense_c), offsets, offsets + num_latents + 1, k,
+                     d, num_latents, mutable_data_as<scalar_t>(rows), mutable_data_as<scalar_t>(value_sums), stream),
                  "sparse_transpose_matmul");
   });
   return {rows, value_sums};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_transpose_matmul_cuda(const at::Tensor& values, const at::Tensor& indices,
+                                                               const at::Tensor& dense, int64_t num_latents) {
+  const c10::cuda::CUDAGuard device_guard(dense.device());
+  check_sparse_transpose_matmul_args(values, indices, dense, num_latents);
+  return grouped_rows(values, dense, group_by_latent(indices, num_latents), num_latents);
+}
+
+at::Tensor latent_grouping_cuda(const at::Tensor& indices, int64_t num_latents) {
+  const c10::cuda::CUDAGuard device_guard(indices.device());
+  check_latent_grouping_args(indices, num_latents);
+  return group_by_latent(indices, num_latents);
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_transpose_matmul_cuda(const at::Tensor& values, const at::Tensor& indices,
+                                                                 const at::Tensor& dense, const at::Tensor& grouping) {
+  const c10::cuda::CUDAGuard device_guard(dense.device());
+  const int64_t num_latents = check_grouped_transpose_matmul_args(values, indices, dense, grouping);
+  return grouped_rows(values, dense, grouping.contiguous(), num_latents);
 }
 
 }  // namespace
@@ -112,6 +135,8 @@ TORCH_LIBRARY_IMPL(interpkernels, CUDA, m) {
   m.impl("sparse_decode", &sparse_decode_cuda);
   m.impl("gathered_dot", &gathered_dot_cuda);
   m.impl("sparse_transpose_matmul", &sparse_transpose_matmul_cuda);
+  m.impl("latent_grouping", &latent_grouping_cuda);
+  m.impl("grouped_transpose_matmul", &grouped_transpose_matmul_cuda);
 }
 
 }  // namespace interpkernels::cuda_glue

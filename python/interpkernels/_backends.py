@@ -23,8 +23,11 @@ import os
 import torch
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-_OPS = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "remove_parallel_component_",
-        "normalize_rows_", "fvu", "component_attribution")
+_OPS = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "latent_grouping",
+        "grouped_transpose_matmul", "remove_parallel_component_",
+        "normalize_rows_", "fvu", "component_attribution",
+        # attribution patching
+        "latent_attribution", "error_attribution", "feature_edges")
 # Looked up once: dispatcher queries inside a torch.compile'd region would break the graph.
 _CUDA_KERNELS = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"interpkernels::{op}", "CUDA") for op in _OPS}
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None

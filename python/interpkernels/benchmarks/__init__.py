@@ -6,13 +6,24 @@ module (`python -m interpkernels.benchmarks.<op>`) defines its cases.
 
 from interpkernels.benchmarks import (
     component_attribution,
+    error_attribution,
+    feature_edges,
     jumprelu_encode,
+    latent_attribution,
     sae_training_step,
     sparse_decode,
     topk_encode,
 )
 
-OPS = {"topk_encode": topk_encode, "jumprelu_encode": jumprelu_encode, "sparse_decode": sparse_decode,
-       "sae_training_step": sae_training_step,
-       # ---- parameter decomposition ----
-       "component_attribution": component_attribution}
+OPS = {
+    "topk_encode": topk_encode,
+    "jumprelu_encode": jumprelu_encode,
+    "sparse_decode": sparse_decode,
+    "sae_training_step": sae_training_step,
+    # attribution patching
+    "latent_attribution": latent_attribution,
+    "error_attribution": error_attribution,
+    "feature_edges": feature_edges,
+    # parameter decomposition
+    "component_attribution": component_attribution,
+}

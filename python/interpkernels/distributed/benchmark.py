@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 
 import torch
 import torch.distributed as dist
 
+from interpkernels.distributed.launch import torchrun_process_group
 from interpkernels.distributed.sharded import shard_latents
 from interpkernels.nn import TopKSAE
 from interpkernels.train import train
@@ -48,19 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed intervals")
     parser.add_argument("--single", action="store_true", help="also time the unsharded module on rank 0")
     args = parser.parse_args(argv)
-    if "RANK" not in os.environ:
-        raise SystemExit("interpkernels.distributed.benchmark: run it under torchrun")
-    use_cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
+    with torchrun_process_group("interpkernels.distributed.benchmark") as device:
         world_size, rank = dist.get_world_size(), dist.get_rank()
         batch = torch.randn(args.batch_size, args.width, generator=torch.Generator().manual_seed(0)).to(device)
         autocast_dtype = DTYPES[args.dtype]
         shape = (f"N={args.batch_size} d={args.width} M={args.latents} k={args.k} {args.dtype} on "
-                 f"{torch.cuda.get_device_name(device) if use_cuda else 'cpu (gloo)'}")
+                 f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (gloo)'}")
         sharded = shard_latents(TopKSAE(args.width, args.latents, args.k, seed=0)).to(device)
         rate, moved = tokens_per_second(sharded, batch, args.interval, args.repeats, autocast_dtype)
         if rank == 0:
@@ -73,8 +66,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{shape}: 1 rank, unsharded: {single:,.0f} tok/s; {world_size} shards run "
                   f"{rate / single:.2f}x its speed", flush=True)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ gloo on CPUs. Checkpoints go to ``--out`` as sharded directories
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,20 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def torchrun_process_group(program: str) -> Iterator[torch.device]:
+    """The default process group of a torchrun launch, destroyed on exit, and
+    this rank's device: NCCL and cuda:LOCAL_RANK with GPUs, else gloo on the
+    CPU. SystemExit naming `program` outside torchrun."""
     if "RANK" not in os.environ:
-        raise SystemExit("train-distributed: run it under torchrun (e.g. torchrun --nproc-per-node 2 -m "
-                         "interpkernels train-distributed ...)")
+        raise SystemExit(f"{program}: run it under torchrun (e.g. torchrun --nproc-per-node 2 -m {program} ...)")
     use_cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
-        run(args, device)
+        yield device
     finally:
         dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    with torchrun_process_group("interpkernels train-distributed") as device:
+        run(args, device)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> None:

@@ -17,8 +17,11 @@ import torch
 from interpkernels import _validation as v
 
 _ops = torch.ops.interpkernels
-_OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "remove_parallel_component_",
-             "normalize_rows_", "fvu", "component_attribution")
+_OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "latent_grouping",
+             "grouped_transpose_matmul", "remove_parallel_component_",
+             "normalize_rows_", "fvu", "component_attribution",
+             # attribution patching
+             "latent_attribution", "error_attribution", "feature_edges")
 
 
 class Kernels(NamedTuple):
@@ -26,10 +29,16 @@ class Kernels(NamedTuple):
     sparse_decode: torch._ops.OpOverload
     gathered_dot: torch._ops.OpOverload
     sparse_transpose_matmul: torch._ops.OpOverload
+    latent_grouping: torch._ops.OpOverload
+    grouped_transpose_matmul: torch._ops.OpOverload
     remove_parallel_component_: torch._ops.OpOverload
     normalize_rows_: torch._ops.OpOverload
     fvu: torch._ops.OpOverload
     component_attribution: torch._ops.OpOverload
+    # attribution patching
+    latent_attribution: torch._ops.OpOverload
+    error_attribution: torch._ops.OpOverload
+    feature_edges: torch._ops.OpOverload
 
 
 def triton_name(name: str) -> str:
@@ -73,6 +82,19 @@ def _sparse_transpose_matmul_triton(values, indices, dense, num_latents):
     return _triton_kernels().sparse_transpose_matmul(values, indices, dense, num_latents)
 
 
+def _latent_grouping_triton(indices, num_latents):
+    v.require_indices_in_range("indices", indices, num_latents)
+    return torch.cat(_triton_kernels().group_by_latent(indices, num_latents))
+
+
+def _grouped_transpose_matmul_triton(values, indices, dense, grouping):
+    _check_triton_dtype(dense)
+    num_latents = grouping.numel() - 1 - indices.numel()
+    v.require_indices_in_range("indices", indices, num_latents)
+    groups = (grouping[:num_latents + 1], grouping[num_latents + 1:])
+    return _triton_kernels().sparse_transpose_matmul(values, indices, dense, num_latents, groups)
+
+
 def _remove_parallel_component_triton(grad, weight):
     _check_triton_dtype(grad)
     _triton_kernels().remove_parallel_component_(grad, weight)
@@ -93,10 +115,37 @@ def _component_attribution_triton(h, B, G):
     return _triton_kernels().component_attribution(h, B, G)
 
 
+# ---- attribution patching ----
+
+
+def _latent_attribution_triton(clean_values, clean_indices, patched_values, patched_indices, grad, W_dec):
+    _check_triton_dtype(grad)
+    v.require_indices_in_range("clean_indices", clean_indices, W_dec.shape[0])
+    v.require_indices_in_range("patched_indices", patched_indices, W_dec.shape[0])
+    return _triton_kernels().latent_attribution(clean_values, clean_indices, patched_values, patched_indices, grad,
+                                                W_dec)
+
+
+def _error_attribution_triton(clean_error, patched_error, grad):
+    _check_triton_dtype(grad)
+    return _triton_kernels().error_attribution(clean_error, patched_error, grad)
+
+
+def _feature_edges_triton(src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale, top_k, threshold):
+    _check_triton_dtype(src_values)
+    v.require_indices_in_range("src_indices", src_indices, W_dec_src.shape[0])
+    v.require_indices_in_range("dst_indices", dst_indices, W_enc_dst.shape[0])
+    return _triton_kernels().feature_edges(src_values, src_indices, W_dec_src, dst_indices, W_enc_dst, dst_scale,
+                                           top_k, threshold)
+
+
 _library = torch.library.Library("interpkernels", "FRAGMENT")
 for _name, _impl in zip(_OP_NAMES, (_topk_encode_triton, _sparse_decode_triton, _gathered_dot_triton,
-                                    _sparse_transpose_matmul_triton, _remove_parallel_component_triton,
-                                    _normalize_rows_triton, _fvu_triton, _component_attribution_triton)):
+                                    _sparse_transpose_matmul_triton, _latent_grouping_triton,
+                                    _grouped_transpose_matmul_triton, _remove_parallel_component_triton,
+                                    _normalize_rows_triton, _fvu_triton, _component_attribution_triton,
+                                    _latent_attribution_triton,
+                                    _error_attribution_triton, _feature_edges_triton)):
     # Same schema as the C++ op, under the _triton name.
     _schema = str(getattr(_ops, _name).default._schema).split("(", 1)[1]
     _library.define(f"{triton_name(_name)}({_schema}")

@@ -6,7 +6,12 @@
 
 The three are closed under differentiation (each one's gradients are the
 other two), so every order of derivative runs on the fused kernels, of the
-backend the forward ran on. The C++ schemas are in csrc/ops.cpp; kernels in
+backend the forward ran on.
+
+sparse_transpose_matmul first groups the code's entries by latent. The
+backward passes build that grouping once per code (latent_grouping) and
+share it (grouped_transpose_matmul): the decoder's and the encoder's weight
+gradients of one SAE step read the same code (shared_grouping). The C++ schemas are in csrc/ops.cpp; kernels in
 csrc/cpu/sparse_decode.cpp, csrc/cuda/ and interpkernels.triton_kernels.
 """
 
@@ -78,6 +83,42 @@ def _sparse_transpose_matmul_fake(values, indices, dense, num_latents):
     return dense.new_empty(num_latents, dense.shape[1]), values.new_empty(num_latents)
 
 
+def _latent_grouping_fake(indices, num_latents):
+    return indices.new_empty(num_latents + 1 + indices.numel())
+
+
+def _grouped_transpose_matmul_fake(values, indices, dense, grouping):
+    num_latents = grouping.shape[0] - 1 - values.numel()
+    return dense.new_empty(num_latents, dense.shape[1]), values.new_empty(num_latents)
+
+
+def shared_grouping(ops: Kernels, indices: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """ops.latent_grouping(indices, num_latents), built once per code.
+
+    Kept on the tensor that owns the code's memory (``indices._base``, or
+    indices itself: the views the public wrappers make of one kernel output
+    share it), keyed by the view's layout, num_latents and the version
+    counter, so an in-place change of the code invalidates it. It lives as
+    long as that tensor (the autograd graph's saved code). Not while a graph
+    is traced (torch.compile, AOT dispatch: fake or functional tensors),
+    whose backward is one graph anyway."""
+    if torch.compiler.is_compiling() or type(indices) is not torch.Tensor:
+        return ops.latent_grouping(indices, num_latents)
+    owner = indices if indices._base is None else indices._base
+    key = (num_latents, indices._version, tuple(indices.shape), indices.stride(), indices.storage_offset())
+    cache = owner.__dict__.setdefault("_interpkernels_groupings", {})
+    if key not in cache:
+        cache.clear()  # one code, one grouping: an older version is stale
+        cache[key] = ops.latent_grouping(indices, num_latents)
+    return cache[key]
+
+
+def weight_gradient(ops: Kernels, values: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor,
+                    num_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.sparse_transpose_matmul(values, indices, dense, num_latents) on the code's shared grouping."""
+    return ops.grouped_transpose_matmul(values, indices, dense, shared_grouping(ops, indices, num_latents))
+
+
 def _save_tensor_inputs(ctx, inputs, output):
     ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
 
@@ -96,18 +137,19 @@ def _register(ops: Kernels) -> None:
         grad_values = ops.gathered_dot(grad_out, indices, W_dec) if ctx.needs_input_grad[0] else None
         grad_W_dec = None
         if ctx.needs_input_grad[2]:
-            grad_W_dec = ops.sparse_transpose_matmul(values, indices, grad_out, W_dec.shape[0])[0]
+            grad_W_dec = weight_gradient(ops, values, indices, grad_out, W_dec.shape[0])[0]
         grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_values, None, grad_W_dec, grad_bias
 
     def gathered_dot_backward(ctx, grad_out):
         dense, indices, W = ctx.saved_tensors
         grad_dense = ops.sparse_decode(grad_out, indices, W, None) if ctx.needs_input_grad[0] else None
-        grad_W = ops.sparse_transpose_matmul(grad_out, indices, dense, W.shape[0])[0] if ctx.needs_input_grad[2] else None
+        grad_W = weight_gradient(ops, grad_out, indices, dense, W.shape[0])[0] if ctx.needs_input_grad[2] else None
         return grad_dense, None, grad_W
 
     def sparse_transpose_matmul_backward(ctx, grad_rows, grad_value_sums):
-        values, indices, dense = ctx.saved_tensors
+        """Of sparse_transpose_matmul and of grouped_transpose_matmul (whose grouping is saved fourth)."""
+        values, indices, dense = ctx.saved_tensors[:3]
         grad_values = None
         if ctx.needs_input_grad[0]:
             grad_values = ops.gathered_dot(dense, indices, grad_rows) + grad_value_sums[indices]
@@ -119,9 +161,12 @@ def _register(ops: Kernels) -> None:
         (ops.gathered_dot, _gathered_dot_fake, gathered_dot_backward, _save_tensor_inputs),
         (ops.sparse_transpose_matmul, _sparse_transpose_matmul_fake, sparse_transpose_matmul_backward,
          _save_tensor_inputs),
+        (ops.grouped_transpose_matmul, _grouped_transpose_matmul_fake, sparse_transpose_matmul_backward,
+         _save_tensor_inputs),
     ):
         torch.library.register_fake(op, fake)
         torch.library.register_autograd(op, backward, setup_context=setup)
+    torch.library.register_fake(ops.latent_grouping, _latent_grouping_fake)  # integer output: no gradient
 
 
 _register(NATIVE)

@@ -26,6 +26,7 @@ from interpkernels import _validation as v
 from interpkernels import reference
 from interpkernels._backends import resolve
 from interpkernels.ops._kernels import NATIVE, TRITON, Kernels, kernels
+from interpkernels.ops.sparse_decode import weight_gradient
 
 
 def topk_encode(
@@ -125,7 +126,7 @@ def _register(ops: Kernels) -> None:
                 grad_pre_bias = -grad_x.sum(0)
         if needs_W or needs_b:
             centered = x if pre_bias is None else x - pre_bias
-            grad_W_enc, grad_b_enc = ops.sparse_transpose_matmul(active_grad, indices, centered, W_enc.shape[0])
+            grad_W_enc, grad_b_enc = weight_gradient(ops, active_grad, indices, centered, W_enc.shape[0])
         return (
             grad_x if needs_x else None,
             grad_W_enc if needs_W else None,

@@ -5,6 +5,7 @@ Importing this package needs triton. `@triton.jit` reads TRITON_INTERPRET when a
 decorated, so set it before the first import to run the kernels on CPU tensors.
 """
 
+from .attribution import error_attribution, feature_edges, latent_attribution
 from .component_attribution import component_attribution
 from .sae_training import fvu, normalize_rows_, remove_parallel_component_
 from .sparse_decode import gathered_dot, group_by_latent, sparse_decode, sparse_transpose_matmul
@@ -12,9 +13,12 @@ from .topk_encode import topk_encode
 
 __all__ = [
     "component_attribution",
+    "error_attribution",
+    "feature_edges",
     "fvu",
     "gathered_dot",
     "group_by_latent",
+    "latent_attribution",
     "normalize_rows_",
     "remove_parallel_component_",
     "sparse_decode",
