@@ -22,14 +22,15 @@ import os
 
 import torch
 
+from interpkernels import _C  # noqa: F401  (registers the C++ ops, whose CUDA kernels are looked up below)
+
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-_OPS = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "latent_grouping",
-        "grouped_transpose_matmul", "remove_parallel_component_",
-        "normalize_rows_", "fvu", "component_attribution",
-        # attribution patching
-        "latent_attribution", "error_attribution", "feature_edges")
-# Looked up once: dispatcher queries inside a torch.compile'd region would break the graph.
-_CUDA_KERNELS = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"interpkernels::{op}", "CUDA") for op in _OPS}
+# Which registered ops have a CUDA kernel in this build, read from the dispatcher once:
+# dispatcher queries inside a torch.compile'd region would break the graph.
+_CUDA_KERNELS = {
+    name.removeprefix("interpkernels::"): torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    for name in torch._C._dispatch_get_all_op_names() if name.startswith("interpkernels::")
+}
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -17,11 +17,6 @@ import torch
 from interpkernels import _validation as v
 
 _ops = torch.ops.interpkernels
-_OP_NAMES = ("topk_encode", "sparse_decode", "gathered_dot", "sparse_transpose_matmul", "latent_grouping",
-             "grouped_transpose_matmul", "remove_parallel_component_",
-             "normalize_rows_", "fvu", "component_attribution",
-             # attribution patching
-             "latent_attribution", "error_attribution", "feature_edges")
 
 
 class Kernels(NamedTuple):
@@ -39,6 +34,9 @@ class Kernels(NamedTuple):
     latent_attribution: torch._ops.OpOverload
     error_attribution: torch._ops.OpOverload
     feature_edges: torch._ops.OpOverload
+
+
+_OP_NAMES = Kernels._fields
 
 
 def triton_name(name: str) -> str:

@@ -41,6 +41,8 @@ launch one configuration.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -218,17 +220,11 @@ def tuning_configs(k_pad: int, sixteen_bit: bool) -> list[triton.Config]:
     return configs
 
 
-_tuned_partial_kernels: dict = {}
-
-
+@functools.cache
 def _tuned_partial_kernel(k_pad: int, sixteen_bit: bool):
     """The partial kernel autotuned over tuning_configs, keyed on d, M, K_PAD (and, by
     Triton, the argument dtypes); one autotuner per (K_PAD, 16-bit), made on first use."""
-    key = (k_pad, sixteen_bit)
-    if key not in _tuned_partial_kernels:
-        _tuned_partial_kernels[key] = triton.autotune(
-            configs=tuning_configs(k_pad, sixteen_bit), key=["d", "M", "K_PAD"])(_topk_partial_kernel)
-    return _tuned_partial_kernels[key]
+    return triton.autotune(configs=tuning_configs(k_pad, sixteen_bit), key=["d", "M", "K_PAD"])(_topk_partial_kernel)
 
 
 def topk_encode(
