@@ -44,11 +44,12 @@ def _run_rank(rank, world_size, store, backend, check, args):
     torch.set_num_threads(1)  # ranks share the machine's cores
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
+    with launch.process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size):
         check(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    if backend == "gloo" and sys.platform == "linux":
+        # Gloo threads alive at interpreter exit can abort the rank (launch.process_group).
+        threads = [(Path("/proc/self/task") / task / "comm").read_text().strip() for task in os.listdir("/proc/self/task")]
+        assert not [name for name in threads if "gloo" in name], f"rank {rank}: gloo threads outlive the group: {threads}"
 
 
 def coders(dtype: torch.dtype, device: str = "cpu") -> list:

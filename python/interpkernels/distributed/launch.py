@@ -56,6 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
+def process_group(backend: str, **init_options) -> Iterator[None]:
+    """The default process group, destroyed on exit, so that the process exits cleanly.
+
+    torch.distributed.fsdp, once imported with a group alive (torch._dynamo
+    imports it, lazily: on the first meta-device decomposition, say), holds
+    the group in default arguments, so destroy_process_group cannot free it
+    and gloo's worker threads outlive the interpreter. A worker still
+    releasing the last collective's tensors then waits for the GIL while the
+    main thread finalises, and the rank dies with SIGABRT ("terminate called
+    without an active exception"; 1 exit in 3 of the 3-rank test on 2
+    cores). So torch._dynamo is imported before the group exists (it then
+    holds nothing, and destroying the group joins its threads), and a clean
+    exit first waits at a barrier, which releases the GIL until every earlier
+    collective is done. No barrier on an exception: other ranks may never
+    reach it.
+    """
+    import torch._dynamo  # noqa: F401  (see above: before init_process_group)
+
+    dist.init_process_group(backend, **init_options)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
 def torchrun_process_group(program: str) -> Iterator[torch.device]:
     """The default process group of a torchrun launch, destroyed on exit, and
     this rank's device: NCCL and cuda:LOCAL_RANK with GPUs, else gloo on the
@@ -66,11 +93,8 @@ def torchrun_process_group(program: str) -> Iterator[torch.device]:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
+    with process_group("nccl" if use_cuda else "gloo"):
         yield device
-    finally:
-        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
