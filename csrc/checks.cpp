@@ -30,23 +30,24 @@ std::atomic<IndexCheck>& index_check_mode() {
   return mode;
 }
 
-// Whether a data-dependent check reads its result on the host: always in
-// "sync" mode, and in "auto" mode for every device but CUDA, where reading
-// would stall the stream and break CUDA-graph capture.
-bool check_syncs(const at::Tensor& tensor) {
-  const IndexCheck mode = index_check_mode().load();
-  return mode == IndexCheck::Sync || (mode == IndexCheck::Auto && !tensor.is_cuda());
-}
-
-constexpr const char* kAsyncCheckHint =
-    " (a device-side check, which does not say more; INTERPKERNELS_INDEX_CHECK=sync or "
-    "interpkernels.set_index_check('sync') names the offending values)";
+bool check_syncs(const at::Tensor& tensor) { return index_check_syncs(tensor.is_cuda()); }
 
 }  // namespace
+
+const char* const kAsyncCheckHint =
+    " (a device-side check, which does not say more; INTERPKERNELS_INDEX_CHECK=sync or "
+    "interpkernels.set_index_check('sync') names the offending values)";
 
 std::string index_check() { return kIndexCheckNames[static_cast<int>(index_check_mode().load())]; }
 
 void set_index_check(const std::string& mode) { index_check_mode().store(parse_index_check(mode)); }
+
+// Always in "sync" mode, and in "auto" mode for every device but CUDA, where
+// reading would stall the stream and break CUDA-graph capture.
+bool index_check_syncs(bool on_cuda) {
+  const IndexCheck mode = index_check_mode().load();
+  return mode == IndexCheck::Sync || (mode == IndexCheck::Auto && !on_cuda);
+}
 
 void check_sparse_code(const at::Tensor& values, const at::Tensor& indices) {
   TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),

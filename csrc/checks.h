@@ -21,6 +21,12 @@ namespace interpkernels {
 // Initially INTERPKERNELS_INDEX_CHECK; std::invalid_argument for other names.
 std::string index_check();
 void set_index_check(const std::string& mode);
+// Whether a data-dependent check on a tensor (on CUDA or not) reads its result
+// on the host; the rule of the C++ checks and of the Python ones
+// (interpkernels._validation), which end their device-side messages with
+// kAsyncCheckHint.
+bool index_check_syncs(bool on_cuda);
+extern const char* const kAsyncCheckHint;
 
 // values [N, k] and int64 indices of the same shape.
 void check_sparse_code(const at::Tensor& values, const at::Tensor& indices);

@@ -72,6 +72,12 @@ PyObject* set_index_check(PyObject*, PyObject* mode) {
   Py_RETURN_NONE;
 }
 
+PyObject* index_check_syncs(PyObject*, PyObject* on_cuda) {
+  const int flag = PyObject_IsTrue(on_cuda);
+  if (flag < 0) return nullptr;
+  return PyBool_FromLong(interpkernels::index_check_syncs(flag != 0));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The x86-64 level the CPU kernels run: 'avx512', 'avx2' or 'baseline'."},
     {"supported_cpu_isas", supported_cpu_isas, METH_NOARGS, "The levels this CPU runs, widest first."},
@@ -80,6 +86,8 @@ PyMethodDef methods[] = {
      "How index-range and latent_mask checks run: 'auto' (device-side on CUDA, on the host elsewhere), 'sync' "
      "(on the host: precise errors, one host sync per check) or 'async' (device-side assertions, no host sync)."},
     {"set_index_check", set_index_check, METH_O, "Run the index checks this way from now on (see index_check)."},
+    {"index_check_syncs", index_check_syncs, METH_O,
+     "index_check_syncs(on_cuda): whether a check of a tensor on CUDA (or not) reads its result on the host now."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -87,5 +95,10 @@ PyMethodDef methods[] = {
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+  PyObject* created = PyModule_Create(&module);
+  if (created != nullptr && PyModule_AddStringConstant(created, "ASYNC_CHECK_HINT", interpkernels::kAsyncCheckHint) < 0) {
+    Py_DECREF(created);
+    return nullptr;
+  }
+  return created;
 }

@@ -103,13 +103,12 @@ def require_indices(name: str, indices: object, values: torch.Tensor) -> torch.T
 
 
 def _check_syncs(device: torch.device) -> bool:
-    """Whether data-dependent checks read their result on the host (interpkernels.index_check)."""
-    mode = _C.index_check()
-    return mode == "sync" or (mode == "auto" and device.type != "cuda")
+    """Whether data-dependent checks read their result on the host (interpkernels.index_check;
+    the rule is the C++ checks', csrc/checks.cpp)."""
+    return _C.index_check_syncs(device.type == "cuda")
 
 
-_ASYNC_CHECK_HINT = ("(a device-side check, which does not say more; INTERPKERNELS_INDEX_CHECK=sync or "
-                     "interpkernels.set_index_check('sync') names the offending values)")
+_ASYNC_CHECK_HINT = _C.ASYNC_CHECK_HINT  # the C++ checks' ending of a device-side message
 
 
 def require_indices_in_range(name: str, indices: torch.Tensor, num_latents: int) -> None:
@@ -122,7 +121,7 @@ def require_indices_in_range(name: str, indices: torch.Tensor, num_latents: int)
     lowest, highest = torch.aminmax(indices)
     if not _check_syncs(indices.device):
         torch._assert_async((lowest >= 0) & (highest < num_latents),
-                            f"{name}: expected every index in [0, {num_latents}) {_ASYNC_CHECK_HINT}")
+                            f"{name}: expected every index in [0, {num_latents}){_ASYNC_CHECK_HINT}")
         return
     lowest, highest = torch.stack((lowest, highest)).tolist()  # both bounds in one copy
     if lowest < 0 or highest >= num_latents:
@@ -135,7 +134,7 @@ def require_mask_keeps(k: int, latent_mask: torch.Tensor) -> None:
         return
     if not _check_syncs(latent_mask.device):
         torch._assert_async(latent_mask.sum() >= k,
-                            f"k: expected at most as many latents as latent_mask keeps in, got {k} {_ASYNC_CHECK_HINT}")
+                            f"k: expected at most as many latents as latent_mask keeps in, got {k}{_ASYNC_CHECK_HINT}")
         return
     kept = int(latent_mask.sum())
     if k > kept:
