@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import interpkernels
+from interpkernels import reference
 from interpkernels.decomposition import (
     LinearComponents,
     batch_topk_components,
@@ -18,6 +19,7 @@ from interpkernels.decomposition import (
     topk_components,
 )
 from interpkernels.ops.masked_component_forward import masked_component_forward
+from oracle import ALL_DTYPES, assert_matches_oracle
 
 ops = torch.ops.interpkernels
 
@@ -96,16 +98,29 @@ def spd_problem(dtype=torch.float64, N=5, d_in=4, C=6, d_out=3):
     return x, V, U, W_target, mask, delta_mask, bias
 
 
-def test_masked_forward_matches_definition():
-    x, V, U, W_target, mask, delta_mask, bias = spd_problem(torch.float32)
-    W_delta = W_target - (V @ U).T
-    out = masked_component_forward(x, x @ V, mask, U, W_delta=W_delta, delta_mask=delta_mask, bias=bias)
-    expected = ((x @ V) * mask) @ U + delta_mask[:, None] * (x @ W_delta.T) + bias
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    # all-ones masks and the delta give back the target layer exactly
-    full = masked_component_forward(x, x @ V, torch.ones_like(mask), U, W_delta=W_delta,
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_masked_forward_matches_float64_oracle(dtype):
+    """Values against reference.masked_component_forward in float64: leading dims
+    [2, 3], C = 13 (prime), non-contiguous h and U; torch's own error in 16 bits."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    h = torch.randn(2, 3, 26, generator=g, dtype=torch.float64)[..., ::2]  # strided
+    U = torch.randn(4, 13, generator=g, dtype=torch.float64).T  # transposed
+    mask, delta_mask = torch.rand(2, 3, 13, generator=g, dtype=torch.float64), torch.rand(2, 3, generator=g,
+                                                                                          dtype=torch.float64)
+    W_delta, bias = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    inputs = (x, h, mask, U, W_delta, delta_mask, bias)
+    oracle = reference.masked_component_forward(*inputs)
+    low = [t.to(dtype) for t in inputs]
+    out = masked_component_forward(*low[:4], W_delta=low[4], delta_mask=low[5], bias=low[6])
+    assert not h.is_contiguous() and not U.is_contiguous() and out.dtype == dtype
+    assert_matches_oracle(out, oracle, reference.masked_component_forward(*low))
+    # all-ones masks and the delta of the target give back the target layer
+    V = torch.randn(5, 13, generator=g, dtype=torch.float64)
+    W_target = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    full = masked_component_forward(x, x @ V, torch.ones_like(mask), U, W_delta=W_target - (V @ U).T,
                                     delta_mask=torch.ones_like(delta_mask), bias=bias)
-    torch.testing.assert_close(full, x @ W_target.T + bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full, x @ W_target.T + bias, rtol=1e-12, atol=1e-12)
 
 
 def test_masked_forward_gradcheck_and_rank_m():
@@ -118,9 +133,17 @@ def test_masked_forward_gradcheck_and_rank_m():
 
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
-    h, B, mask3 = torch.randn(5, 6, 2, dtype=torch.float64), torch.randn(6, 2, 3, dtype=torch.float64), mask
-    torch.testing.assert_close(masked_component_forward(x, h, mask3, B),
-                               torch.einsum("ncm,cmo->no", h * mask3[..., None], B))
+    # rank m = 2: values and every gradient against the reference's autograd
+    g = torch.Generator().manual_seed(8)
+    rank_m = [torch.randn(5, 6, 2, generator=g, dtype=torch.float64), mask, torch.randn(6, 2, 3, generator=g,
+                                                                                        dtype=torch.float64)]
+    rank_m = [t.clone().requires_grad_() for t in rank_m]
+    grad_out = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    got = masked_component_forward(x, *rank_m)
+    expected = reference.masked_component_forward(x, *rank_m)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for want, have in zip(torch.autograd.grad(expected, rank_m, grad_out), torch.autograd.grad(got, rank_m, grad_out)):
+        torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("with_delta", [True, False])

@@ -152,6 +152,26 @@ def component_attribution(h: torch.Tensor, U: torch.Tensor, G: torch.Tensor) -> 
     projections = torch.einsum("...od,crd->...ocr", G, B)
     return (projections * h.unsqueeze(-3)).sum(-1).square().sum(-2)
 
+
+def masked_component_forward(x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, U: torch.Tensor,
+                             W_delta: torch.Tensor | None = None, delta_mask: torch.Tensor | None = None,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SPD's masked forward through a decomposed linear layer, [..., d_out]:
+
+        rank 1  (h [..., C],    U [C, d_out]):    y[n] = sum_c mask[n,c] h[n,c] U[c]
+        rank m  (h [..., C, m], B [C, m, d_out]): y[n] = sum_c mask[n,c] sum_r h[n,c,r] B[c,r]
+
+    plus delta_mask[n] (W_delta x[n]) (delta_mask absent: 1) and bias, as autograd of
+    the literal formula (it saves h * mask and x W_delta^T)."""
+    B = U.unsqueeze(1) if U.dim() == 2 else U
+    h = h.unsqueeze(-1) if U.dim() == 2 else h
+    out = torch.einsum("...cr,crd->...d", h * mask.unsqueeze(-1), B)
+    if W_delta is not None:
+        delta = x @ W_delta.T
+        out = out + (delta if delta_mask is None else delta_mask.unsqueeze(-1) * delta)
+    return out if bias is None else out + bias
+
+
 # ---- Attribution patching (SPEC §4; ops/latent_attribution.py, error_attribution.py, feature_edges.py) ----
 
 

@@ -10,6 +10,7 @@ from interpkernels.benchmarks import (
     feature_edges,
     jumprelu_encode,
     latent_attribution,
+    masked_component_forward,
     sae_training_step,
     sparse_decode,
     topk_encode,
@@ -26,4 +27,5 @@ OPS = {
     "feature_edges": feature_edges,
     # parameter decomposition
     "component_attribution": component_attribution,
+    "masked_component_forward": masked_component_forward,
 }
