@@ -1,7 +1,7 @@
 """Compiles every Triton kernel for Hopper (sm_90), no GPU needed: the fused
 encoder's (the launcher's default tiles for every dtype and option, and every
-tile shape its autotuner may pick), the component attribution's and the
-attribution-patching ops'. `python tests/triton_sm90.py` (test_triton_compile.py runs it). Not under
+tile shape its autotuner may pick), the component attribution's, the SPD
+masked forward's and the attribution-patching ops'. `python tests/triton_sm90.py` (test_triton_compile.py runs it). Not under
 TRITON_INTERPRET=1, where @triton.jit makes interpreted functions."""
 
 import importlib
@@ -14,6 +14,7 @@ from triton.compiler import ASTSource
 # The module, not the function of the same name that the package exports.
 encoder = importlib.import_module("interpkernels.triton_kernels.topk_encode")
 components = importlib.import_module("interpkernels.triton_kernels.component_attribution")
+masked = importlib.import_module("interpkernels.triton_kernels.masked_component_forward")
 attribution = importlib.import_module("interpkernels.triton_kernels.attribution")
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -60,6 +61,20 @@ def component_attribution_kernel(dtype: str) -> None:
                  **{f"stride_{name}": "i32" for name in ("hn", "hc", "hr", "bc", "br", "bd", "gn", "go", "gd")})
     constants = dict(BLOCK_C=64, BLOCK_O=64, BLOCK_D=64, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     compile_for_hopper(components._component_attribution_kernel, types, constants)
+
+
+def masked_component_forward_kernel(dtype: str, with_delta: bool) -> None:
+    """The launcher's largest tiles (triton_kernels/masked_component_forward.py), the delta
+    term (with its row mask and the bias) on or off."""
+    pointer = f"*{dtype}"
+    names = ("xn", "xi", "hn", "hj", "mn", "mj", "uj", "ud", "wd", "wi", "dm", "on", "od")
+    types = dict(x_ptr=pointer, h_ptr=pointer, mask_ptr=pointer, u_ptr=pointer, w_ptr=pointer,
+                 delta_mask_ptr=pointer, bias_ptr=pointer, out_ptr=pointer, N="i32", J="i32", d_in="i32",
+                 d_out="i32", **{f"stride_{name}": "i32" for name in names})
+    constants = dict(HAS_DELTA=with_delta, HAS_DELTA_MASK=with_delta, HAS_BIAS=with_delta, BLOCK_N=64,
+                     BLOCK_D=64, BLOCK_K=32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    compile_for_hopper(masked._masked_component_forward_kernel, types, constants)
+
 
 # ---- attribution patching: the launchers' configurations at k = 64, per dtype ----
 
@@ -127,6 +142,10 @@ def main() -> None:
     for dtype in ("fp32", "bf16", "fp16"):
         component_attribution_kernel(dtype)
         print(f"_component_attribution_kernel {dtype}: sm_90 cubin")
+        compiled += 1
+    for dtype, with_delta in itertools.product(("fp32", "bf16", "fp16"), (False, True)):
+        masked_component_forward_kernel(dtype, with_delta)
+        print(f"_masked_component_forward_kernel {dtype} delta={with_delta}: sm_90 cubin")
         compiled += 1
     compiled += attribution_kernels()
     print(f"{compiled} kernels compiled")

@@ -8,7 +8,8 @@
               256 is the fused kernel's design range, not yet a measured
               crossover.
     "cpu"     the C++ CPU kernels (CPU tensors)
-    "cuda"    the CUDA C++ kernels (CUDA tensors; needs a CUDA build)
+    "cuda"    the CUDA C++ kernels (CUDA tensors; needs a CUDA build), or ATen's
+              for masked_component_forward (GEMMs on cuBLAS)
     "triton"  the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)
     "torch"   interpkernels.reference: dense pure PyTorch, any device
 
@@ -25,10 +26,12 @@ import torch
 from interpkernels import _C  # noqa: F401  (registers the C++ ops, whose CUDA kernels are looked up below)
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-# Which registered ops have a CUDA kernel in this build, read from the dispatcher once:
-# dispatcher queries inside a torch.compile'd region would break the graph.
+# Which registered ops run on CUDA in this build (a CUDA kernel, or device-generic ATen
+# code: masked_component_forward), read from the dispatcher once: dispatcher queries
+# inside a torch.compile'd region would break the graph.
 _CUDA_KERNELS = {
-    name.removeprefix("interpkernels::"): torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    name.removeprefix("interpkernels::"): any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+                                              for key in ("CUDA", "CompositeExplicitAutograd"))
     for name in torch._C._dispatch_get_all_op_names() if name.startswith("interpkernels::")
 }
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None

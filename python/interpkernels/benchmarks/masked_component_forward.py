@@ -24,7 +24,14 @@ def _ours(x, h, mask, U, W_delta, delta_mask, bias):
     return masked_component_forward(x, h, mask, U, W_delta=W_delta, delta_mask=delta_mask, bias=bias)
 
 
+def _ours_triton(x, h, mask, U, W_delta, delta_mask, bias):
+    return masked_component_forward(x, h, mask, U, W_delta=W_delta, delta_mask=delta_mask, bias=bias,
+                                    backend="triton")
+
+
 IMPLEMENTATIONS = {"interpkernels": _ours, "reference (autograd)": _reference}
+# On CUDA "interpkernels" (auto) is the native op on cuBLAS; the fused Triton kernel runs beside it.
+GPU_IMPLEMENTATIONS = {**IMPLEMENTATIONS, "interpkernels (triton)": _ours_triton}
 
 
 def tokens_for(C: int, d: int, budget: float = 2.0**30) -> int:
@@ -62,8 +69,8 @@ def cost(mode: str, dtype: torch.dtype, N, C, d) -> tuple[float, float]:
     return flops, moved
 
 
-def case(mode: str, dtype: torch.dtype, **shape) -> Case:
-    return op_case("masked_component_forward", mode, shape, dtype, IMPLEMENTATIONS, "reference (autograd)",
+def case(mode: str, dtype: torch.dtype, implementations: dict = IMPLEMENTATIONS, **shape) -> Case:
+    return op_case("masked_component_forward", mode, shape, dtype, implementations, "reference (autograd)",
                    make_inputs, call, cost(mode, dtype, **shape))
 
 
@@ -72,3 +79,12 @@ def cases(quick: bool = False) -> list[Case]:
         return [case("fwd+bwd", torch.float32, N=16, C=64, d=32)]
     return [case(mode, torch.float32, N=tokens_for(C, d), C=C, d=d)
             for mode in ("forward", "fwd+bwd") for C in (1024, 8192) for d in (512, 2048)]
+
+
+def gpu_cases(quick: bool = False) -> list[Case]:
+    """The same grid at N = 16384 tokens, bf16 and fp32, with the Triton kernel."""
+    if quick:
+        return [case("fwd+bwd", torch.bfloat16, GPU_IMPLEMENTATIONS, N=2048, C=1024, d=512)]
+    return [case(mode, dtype, GPU_IMPLEMENTATIONS, N=16384, C=C, d=d)
+            for mode in ("forward", "fwd+bwd") for dtype in (torch.bfloat16, torch.float32)
+            for C in (1024, 8192) for d in (512, 2048)]

@@ -30,6 +30,7 @@ class Kernels(NamedTuple):
     normalize_rows_: torch._ops.OpOverload
     fvu: torch._ops.OpOverload
     component_attribution: torch._ops.OpOverload
+    masked_component_forward: torch._ops.OpOverload
     # attribution patching
     latent_attribution: torch._ops.OpOverload
     error_attribution: torch._ops.OpOverload
@@ -113,6 +114,11 @@ def _component_attribution_triton(h, B, G):
     return _triton_kernels().component_attribution(h, B, G)
 
 
+def _masked_component_forward_triton(x, h, mask, U, W_delta, delta_mask, bias):
+    _check_triton_dtype(x)
+    return _triton_kernels().masked_component_forward(x, h, mask, U, W_delta, delta_mask, bias)
+
+
 # ---- attribution patching ----
 
 
@@ -142,6 +148,7 @@ for _name, _impl in zip(_OP_NAMES, (_topk_encode_triton, _sparse_decode_triton, 
                                     _sparse_transpose_matmul_triton, _latent_grouping_triton,
                                     _grouped_transpose_matmul_triton, _remove_parallel_component_triton,
                                     _normalize_rows_triton, _fvu_triton, _component_attribution_triton,
+                                    _masked_component_forward_triton,
                                     _latent_attribution_triton,
                                     _error_attribution_triton, _feature_edges_triton)):
     # Same schema as the C++ op, under the _triton name.

@@ -4,8 +4,10 @@
 
 h = x @ V the component activations, mask in [0, 1] (SPD: m = g + (1 - g) r),
 W_delta = W_target - (V U)^T the part of the target the components miss.
-One registered op (csrc/masked_component_forward.cpp, ATen GEMMs on any
-device); its backward, with g = grad_out:
+Native: one registered op (csrc/masked_component_forward.cpp, ATen GEMMs on
+any device: BLAS on CPU, cuBLAS on CUDA); Triton: one fused kernel
+(triton_kernels/masked_component_forward.py) that writes neither h * mask nor
+x W_delta^T. The backward, the same torch ops for both, with g = grad_out:
     dh_m = g @ U^T,  grad_h = dh_m * mask,  grad_mask = dh_m * h,  grad_U = (h * mask)^T g,
     g_d = delta_mask * g,  grad_x = g_d @ W_delta,  grad_W_delta = g_d^T x,
     grad_delta_mask = rowsum(g * (x @ W_delta^T)),  grad_bias = sum_n g.
@@ -18,8 +20,9 @@ import math
 import torch
 
 from interpkernels import _validation as v
-
-_op = torch.ops.interpkernels.masked_component_forward.default
+from interpkernels import reference
+from interpkernels._backends import resolve
+from interpkernels.ops._kernels import NATIVE, TRITON, Kernels, kernels
 
 
 def masked_component_forward(
@@ -31,6 +34,7 @@ def masked_component_forward(
     W_delta: torch.Tensor | None = None,
     delta_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """SPD's masked layer output ``[..., d_out]``.
 
@@ -41,6 +45,8 @@ def masked_component_forward(
         U: ``[C, d_out]`` or ``[C, m, d_out]`` (B).
         W_delta: optional ``[d_out, d_in]`` weight delta; delta_mask: optional ``[...]`` its mask per token.
         bias: optional ``[d_out]``.
+        backend: which implementation runs (interpkernels._backends; "auto" takes the
+            native op on CUDA too: the Triton kernel has not yet been timed against cuBLAS).
     Differentiable in every tensor argument.
     """
     v.require_float("x", x)
@@ -62,12 +68,16 @@ def masked_component_forward(
     v.require_same_device("x", x, h=h, mask=mask, U=U, W_delta=W_delta, delta_mask=delta_mask, bias=bias)
     x, h, mask, U, W_delta, delta_mask, bias = v.autocast_inputs(x.device, x, h, mask, U, W_delta, delta_mask, bias)
     v.require_same_dtype("x", x, h=h, mask=mask, U=U, W_delta=W_delta, delta_mask=delta_mask, bias=bias)
+    backend = resolve("masked_component_forward", backend, x.device)
+    if backend == "torch":
+        return reference.masked_component_forward(x, h, mask, U, W_delta, delta_mask, bias)
     N = math.prod(leading)
     flat_h, flat_mask = h.reshape(N, C * m), mask.reshape(N, C)
     if m > 1:  # each piece r of component c takes the component's mask
         flat_mask = flat_mask.repeat_interleave(m, dim=1)
-    out = _op(x.reshape(N, x.shape[-1]), flat_h, flat_mask, U.reshape(C * m, d_out), W_delta,
-              None if delta_mask is None else delta_mask.reshape(N), bias)
+    out = kernels(backend).masked_component_forward(
+        x.reshape(N, x.shape[-1]), flat_h, flat_mask, U.reshape(C * m, d_out), W_delta,
+        None if delta_mask is None else delta_mask.reshape(N), bias)
     return out.view(*leading, d_out)
 
 
@@ -102,5 +112,10 @@ def _backward(ctx, grad_out):
     return grad_x, grad_h, grad_mask, grad_U, grad_W_delta, grad_delta_mask, grad_bias
 
 
-torch.library.register_fake(_op, _fake)
-torch.library.register_autograd(_op, _backward, setup_context=_setup)
+def _register(ops: Kernels) -> None:
+    torch.library.register_fake(ops.masked_component_forward, _fake)
+    torch.library.register_autograd(ops.masked_component_forward, _backward, setup_context=_setup)
+
+
+_register(NATIVE)
+_register(TRITON)

@@ -7,6 +7,7 @@ decorated, so set it before the first import to run the kernels on CPU tensors.
 
 from .attribution import error_attribution, feature_edges, latent_attribution
 from .component_attribution import component_attribution
+from .masked_component_forward import masked_component_forward
 from .sae_training import fvu, normalize_rows_, remove_parallel_component_
 from .sparse_decode import gathered_dot, group_by_latent, sparse_decode, sparse_transpose_matmul
 from .topk_encode import topk_encode
@@ -19,6 +20,7 @@ __all__ = [
     "gathered_dot",
     "group_by_latent",
     "latent_attribution",
+    "masked_component_forward",
     "normalize_rows_",
     "remove_parallel_component_",
     "sparse_decode",
