@@ -99,8 +99,9 @@ def spd_problem(dtype=torch.float64, N=5, d_in=4, C=6, d_out=3):
     return x, V, U, W_target, mask, delta_mask, bias
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_masked_forward_matches_float64_oracle(dtype):
+def test_masked_forward_matches_float64_oracle(dtype, backend):
     """Values against reference.masked_component_forward in float64: leading dims
     [2, 3], C = 13 (prime), non-contiguous h and U; torch's own error in 16 bits."""
     g = torch.Generator().manual_seed(3)
@@ -113,7 +114,7 @@ def test_masked_forward_matches_float64_oracle(dtype):
     inputs = (x, h, mask, U, W_delta, delta_mask, bias)
     oracle = reference.masked_component_forward(*inputs)
     low = [t.to(dtype) for t in inputs]
-    out = masked_component_forward(*low[:4], W_delta=low[4], delta_mask=low[5], bias=low[6])
+    out = masked_component_forward(*low[:4], W_delta=low[4], delta_mask=low[5], bias=low[6], backend=backend)
     assert not h.is_contiguous() and not U.is_contiguous() and out.dtype == dtype
     assert_matches_oracle(out, oracle, reference.masked_component_forward(*low))
     # all-ones masks and the delta of the target give back the target layer
@@ -198,6 +199,8 @@ def test_masked_forward_bad_inputs():
         masked_component_forward(x, x @ V, mask, U, delta_mask=delta_mask)
     with pytest.raises(TypeError, match="U: expected dtype"):
         masked_component_forward(x, x @ V, mask, U.double())
+    with pytest.raises(ValueError, match="backend: 'cuda' runs on cuda tensors"):
+        masked_component_forward(x, x @ V, mask, U, backend="cuda")
     with pytest.raises(ValueError, match="W_delta: expected shape"):
         ops.masked_component_forward(x, x @ V, mask, U, W_target.T.contiguous(), None, None)
 
