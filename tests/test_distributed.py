@@ -26,7 +26,7 @@ from interpkernels.distributed import (
     shard_latents,
 )
 from interpkernels.distributed import launch
-from interpkernels.distributed.sharded import LATENT_ROW_PARAMETERS
+from interpkernels.distributed.sharded import is_latent_rows
 from interpkernels.nn import BatchTopKSAE, CrossLayerTranscoder, JumpReLUSAE, TopKSAE, Transcoder
 from interpkernels.train import memmap_batches, train
 
@@ -90,12 +90,53 @@ def check_against_unsharded(full, sharded, dtype, seed: int) -> None:
         torch.testing.assert_close(have, want, **TOLERANCES[dtype], msg=lambda m: f"{name}.{field}: {m}")
     torch.testing.assert_close(got_grad_x, expected_grad_x, **TOLERANCES[dtype])
     for param_name, parameter in full.named_parameters():
-        want = parameter.grad[sharded.latent_slice] if param_name in LATENT_ROW_PARAMETERS else parameter.grad
+        want = parameter.grad[sharded.latent_slice] if is_latent_rows(param_name) else parameter.grad
         torch.testing.assert_close(getattr(sharded, param_name).grad, want, **TOLERANCES[dtype],
                                    msg=lambda m: f"{name}.{param_name}.grad: {m}")
     state = sharded.gather_state_dict()
     assert state.keys() == full.state_dict().keys()
     assert all(torch.equal(state[key], value) for key, value in full.state_dict().items())
+
+
+def cross_layer_transcoder() -> CrossLayerTranscoder:
+    """3 layers, float64, random encoder and decoder biases (never zeros)."""
+    module = CrossLayerTranscoder(3, D, M, 4, seed=6).double()
+    generator = torch.Generator().manual_seed(41)
+    with torch.no_grad():
+        for bias in module.b_enc:
+            bias.add_(0.3 * torch.randn(M, generator=generator, dtype=torch.float64))
+        module.b_dec.add_(0.3 * torch.randn(module.b_dec.shape, generator=generator, dtype=torch.float64))
+    return module
+
+
+def check_cross_layer_transcoder(full: CrossLayerTranscoder) -> None:
+    """Every layer's code (indices exactly), reconstructions, FVU, grad of every
+    input and every parameter gradient equal the unsharded module's; the state gathers back."""
+    sharded = shard_latents(full)
+    generator = torch.Generator().manual_seed(42)
+    inputs = [torch.randn(7, D, generator=generator, dtype=torch.float64) for _ in range(3)]
+    targets = [torch.randn(7, D, generator=generator, dtype=torch.float64) for _ in range(3)]
+    results = []
+    for module in (full, sharded):
+        module.zero_grad(set_to_none=True)
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out = module(leaves, targets)
+        (out.fvu + 0.01 * out.values.square().sum()).backward()
+        results.append((out, [x.grad for x in leaves]))
+    (expected, expected_grads), (got, got_grads) = results
+    assert torch.equal(got.indices, expected.indices) and expected.values.count_nonzero() > 0
+    for field, want, have in zip(expected._fields, expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"CLT.{field}: {m}")
+    for want, have in zip(expected_grads, got_grads, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12)
+    for name, parameter in full.named_parameters():
+        want = parameter.grad[sharded.latent_slice] if is_latent_rows(name) else parameter.grad
+        torch.testing.assert_close(sharded.get_parameter(name).grad, want, rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"CLT.{name}.grad: {m}")
+    state = sharded.gather_state_dict()
+    assert state.keys() == full.state_dict().keys()
+    assert all(torch.equal(state[key], value) for key, value in full.state_dict().items())
+    assert type(sharded.unsharded()) is CrossLayerTranscoder
 
 
 def check_ties_and_nan(world_size: int) -> None:
@@ -195,6 +236,9 @@ def two_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
     sharded.save(checkpoint_dir)  # through the module, as train() writes them
     if rank == 0:
         torch.save(full.state_dict(), Path(checkpoint_dir) / "expected.pt")
+    clt = cross_layer_transcoder()
+    check_cross_layer_transcoder(clt)
+    shard_latents(clt).save(Path(checkpoint_dir).parent / "cross-layer")
 
 
 def three_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
@@ -212,6 +256,13 @@ def three_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
     assert type(rebuilt) is JumpReLUSAE
     assert all(torch.equal(rebuilt.state_dict()[key], value) for key, value in full.state_dict().items())
     check_against_unsharded(full, sharded, torch.float64, seed=50)
+    # A cross-layer transcoder: sharded 3 ways, and its checkpoint of 2 ranks read by 3.
+    check_cross_layer_transcoder(cross_layer_transcoder())
+    clt_directory = Path(checkpoint_dir).parent / "cross-layer"
+    full_clt, sharded_clt = load_checkpoint(clt_directory), load_sharded_checkpoint(clt_directory)
+    assert type(full_clt) is CrossLayerTranscoder and sharded_clt.latent_slice == shard_bounds(M, 3, rank)
+    assert all(torch.equal(value, cross_layer_transcoder().state_dict()[key]) for key, value in full_clt.state_dict().items())
+    assert all(torch.equal(sharded_clt.gather_state_dict()[key], value) for key, value in full_clt.state_dict().items())
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +329,7 @@ def test_shard_latents_refuses_what_it_cannot_shard(tmp_path, monkeypatch):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(TypeError, match="module: expected one of"):
-            shard_latents(CrossLayerTranscoder(2, D, M, 4))
+            shard_latents(torch.nn.Linear(D, M))
         sharded = shard_latents(TopKSAE(D, M, 4))
         assert sharded.latent_slice == slice(0, M)
         with pytest.raises(TypeError, match="already latent-sharded"):

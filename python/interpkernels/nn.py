@@ -291,6 +291,7 @@ class CrossLayerTranscoder(SafetensorsModule):
     def __init__(self, num_layers: int, d_model: int, num_latents: int, k: int, *, seed: int | None = None):
         super().__init__()
         self.config = dict(num_layers=num_layers, d_model=d_model, num_latents=num_latents, k=k, seed=seed)
+        self.num_latents = num_latents
         generator = init_generator(seed)
         self.W_enc = nn.ParameterList(nn.Parameter(unit_rows((num_latents, d_model), generator))
                                       for _ in range(num_layers))

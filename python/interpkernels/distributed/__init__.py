@@ -5,7 +5,14 @@ world sizes, and the ``python -m interpkernels train-distributed`` launcher
 from interpkernels.distributed.checkpoint import load_checkpoint, load_sharded_checkpoint, save_checkpoint
 from interpkernels.distributed.collectives import CommunicationCounter
 from interpkernels.distributed.launch import process_group
-from interpkernels.distributed.sharded import LatentShardedCoder, shard_bounds, shard_latents
+from interpkernels.distributed.sharded import (
+    LatentShardedCoder,
+    LatentShardedCrossLayerTranscoder,
+    LatentShards,
+    shard_bounds,
+    shard_latents,
+)
 
-__all__ = ["CommunicationCounter", "LatentShardedCoder", "load_checkpoint", "load_sharded_checkpoint",
+__all__ = ["CommunicationCounter", "LatentShardedCoder", "LatentShardedCrossLayerTranscoder", "LatentShards",
+           "load_checkpoint", "load_sharded_checkpoint",
            "process_group", "save_checkpoint", "shard_bounds", "shard_latents"]

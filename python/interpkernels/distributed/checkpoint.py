@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from interpkernels.distributed.sharded import (
-    LATENT_ROW_PARAMETERS,
-    LatentShardedCoder,
+    LatentShards,
+    is_latent_rows,
     shard_bounds,
     shard_latents,
     unallocated_module,
@@ -38,11 +38,11 @@ def save_checkpoint(module: SparseCoder, directory: str | Path) -> None:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sharded = isinstance(module, LatentShardedCoder)
+    sharded = isinstance(module, LatentShards)
     world_size, rank = (dist.get_world_size(module.group), dist.get_rank(module.group)) if sharded else (1, 0)
     name = f"shard-{{:05d}}-of-{world_size:05d}.safetensors"
     tensors = {key: tensor.detach().contiguous() for key, tensor in module.state_dict().items()
-               if key in LATENT_ROW_PARAMETERS or rank == 0}
+               if is_latent_rows(key) or rank == 0}
     save_file(tensors, str(directory / name.format(rank)))
     if sharded:
         dist.barrier(group=module.group)
@@ -79,7 +79,7 @@ def _read_state(directory: Path, index: dict, latents: slice, device: str | torc
         start, stop = max(latents.start, shard["start"]), min(latents.stop, shard["stop"])
         with safe_open(str(directory / shard["file"]), framework="pt", device=str(device)) as f:
             for key in f.keys():
-                if key not in LATENT_ROW_PARAMETERS:
+                if not is_latent_rows(key):
                     state[key] = f.get_tensor(key)
                 elif start < stop:
                     rows.setdefault(key, []).append(f.get_slice(key)[start - shard["start"]:stop - shard["start"]])

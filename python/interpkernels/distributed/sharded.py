@@ -37,7 +37,8 @@ from interpkernels.distributed.collectives import (
     gather_over_shards,
     sum_over_shards,
 )
-from interpkernels.nn import BatchTopKSAE, JumpReLUSAE, SparseCoder, TopKSAE, Transcoder
+from interpkernels.nn import BatchTopKSAE, CrossLayerTranscoder, JumpReLUSAE, SparseCoder, TopKSAE, Transcoder
+from interpkernels.ops.multi_target_decode import multi_target_decode
 from interpkernels.ops.sparse_decode import sparse_decode
 from interpkernels.ops.topk_encode import topk_encode
 
@@ -101,77 +102,76 @@ def _rank_major(gathered: torch.Tensor) -> torch.Tensor:
     return gathered.permute(1, 0, 2).reshape(gathered.shape[1], -1)
 
 
-class LatentShardedCoder:
-    """Mixin over an interpkernels.nn SparseCoder class holding one rank's latents.
+def exact_global_topk(shard: LatentShards, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
+                      pre_bias: torch.Tensor | None = None, threshold: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code ``(values, global indices) [..., k]`` of the unsharded top-k of x ``[..., d]``,
+    on every rank of shard's group, from this rank's encoder rows W_enc / b_enc (module docstring)."""
+    group, counter = shard.group, shard.communication
+    if v.require_tensor("x", x).dim() < 1:
+        raise ValueError(f"x: expected a tensor of shape [..., d], got {v.describe(x)}")
+    # Checked here, not by the local topk_encode, which sees only min(k, latents held).
+    k = v.require_count("k", k, 1, shard.num_latents, "M")
+    leading, d = x.shape[:-1], x.shape[-1]
+    rows = leading.numel()
+    x_in = copy_to_shards(x.reshape(rows, d), group, counter)
+    pre_bias_in = None if pre_bias is None else copy_to_shards(pre_bias, group, counter)
+    local_k = min(k, shard.latents_held)
+    values, local_indices = topk_encode(x_in, W_enc, b_enc, local_k, pre_bias=pre_bias_in, threshold=threshold,
+                                        backend=shard.backend)
+    with torch.no_grad():
+        keys, tier = rank_keys(x.reshape(rows, d).detach(), W_enc.detach(), b_enc.detach(), local_indices,
+                               None if pre_bias is None else pre_bias.detach(), threshold)
+        packed = ((local_indices + shard.latent_slice.start) << _TIER_BITS) | tier
+    # Every rank gathers the same number of candidates: a shard of fewer
+    # than k latents pads with entries that rank below all others.
+    padded_k = min(k, shard_bounds(shard.num_latents, dist.get_world_size(group), 0).stop)
+    if local_k < padded_k:
+        pad = padded_k - local_k
+        values = torch.cat([values, values.new_zeros(rows, pad)], dim=1)
+        keys = torch.cat([keys, keys.new_full((rows, pad), float("-inf"))], dim=1)
+        packed = torch.cat([packed, packed.new_full((rows, pad), (shard.num_latents << _TIER_BITS) | _PADDING)], 1)
+    gathered_values = gather_over_shards(values, group, counter)  # [R, N, padded_k]
+    gathered_keys = all_gather(keys, group, counter)
+    gathered_packed = all_gather(packed, group, counter)
+    packed = _rank_major(gathered_packed)
+    positions = select_global_topk(_rank_major(gathered_keys), packed, k)
+    code_values = _rank_major(gathered_values).gather(-1, positions)
+    code_indices = (packed >> _TIER_BITS).gather(-1, positions)
+    return code_values.view(*leading, k), code_indices.view(*leading, k)
 
-    Built by :func:`shard_latents`; ``forward`` returns the unsharded module's
-    SparseCoderOutput (global indices) on every rank of ``group``.
-    ``communication`` counts the bytes this rank's collectives moved.
-    """
+
+def is_latent_rows(name: str) -> bool:
+    """Whether the parameter (state-dict key) `name` holds one row per latent: sliced
+    (``W_enc``, ``b_enc.2`` of a CrossLayerTranscoder's ParameterList, ...)."""
+    return name.split(".", 1)[0] in LATENT_ROW_PARAMETERS
+
+
+class LatentShards:
+    """What every latent-sharded module shares: which latents this rank holds,
+    its group, the bytes its collectives moved (``communication``), and
+    gathering or saving the whole. Built by :func:`shard_latents`."""
 
     group: object
     latent_slice: slice
     communication: CommunicationCounter
+    num_latents: int
+    backend: str | None
 
     @property
     def latents_held(self) -> int:
         return self.latent_slice.stop - self.latent_slice.start
-
-    def _candidates(self, x, b_enc, k, *, threshold=None):
-        group, counter = self.group, self.communication
-        if v.require_tensor("x", x).dim() < 1:
-            raise ValueError(f"x: expected a tensor of shape [..., d], got {v.describe(x)}")
-        # Checked here, not by the local topk_encode, which sees only min(k, latents held).
-        k = v.require_count("k", k, 1, self.num_latents, "M")
-        leading, d = x.shape[:-1], x.shape[-1]
-        rows = leading.numel()
-        pre_bias = self._pre_bias()
-        x_in = copy_to_shards(x.reshape(rows, d), group, counter)
-        pre_bias_in = None if pre_bias is None else copy_to_shards(pre_bias, group, counter)
-        local_k = min(k, self.latents_held)
-        values, local_indices = topk_encode(x_in, self.W_enc, b_enc, local_k, pre_bias=pre_bias_in,
-                                            threshold=threshold, backend=self.backend)
-        with torch.no_grad():
-            keys, tier = rank_keys(x.reshape(rows, d).detach(), self.W_enc.detach(), b_enc.detach(), local_indices,
-                                   None if pre_bias is None else pre_bias.detach(), threshold)
-            packed = ((local_indices + self.latent_slice.start) << _TIER_BITS) | tier
-        # Every rank gathers the same number of candidates: a shard of fewer
-        # than k latents pads with entries that rank below all others.
-        padded_k = min(k, shard_bounds(self.num_latents, dist.get_world_size(group), 0).stop)
-        if local_k < padded_k:
-            pad = padded_k - local_k
-            values = torch.cat([values, values.new_zeros(rows, pad)], dim=1)
-            keys = torch.cat([keys, keys.new_full((rows, pad), float("-inf"))], dim=1)
-            packed = torch.cat([packed, packed.new_full((rows, pad), (self.num_latents << _TIER_BITS) | _PADDING)], 1)
-        gathered_values = gather_over_shards(values, group, counter)  # [R, N, padded_k]
-        gathered_keys = all_gather(keys, group, counter)
-        gathered_packed = all_gather(packed, group, counter)
-        packed = _rank_major(gathered_packed)
-        positions = select_global_topk(_rank_major(gathered_keys), packed, k)
-        code_values = _rank_major(gathered_values).gather(-1, positions)
-        code_indices = (packed >> _TIER_BITS).gather(-1, positions)
-        return code_values.view(*leading, k), code_indices.view(*leading, k)
 
     def _held_entries(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(held [..., k] bool, local indices, 0 where not held) of a code's global indices."""
         held = (indices >= self.latent_slice.start) & (indices < self.latent_slice.stop)
         return held, torch.where(held, indices - self.latent_slice.start, 0)
 
-    def _decode_rows(self, values, indices, bias):
-        held, local = self._held_entries(indices)
-        partial = sparse_decode(torch.where(held, values, 0), local, self.W_dec, backend=self.backend)
-        # Summed in float32 at least: a bf16 all-reduce would round at every hop of the ring.
+    def _sum_partials(self, partial: torch.Tensor) -> torch.Tensor:
+        """The ranks' partial reconstructions summed, in float32 at least: a bf16
+        all-reduce would round at every hop of the ring."""
         accumulate = torch.promote_types(partial.dtype, torch.float32)
-        out = sum_over_shards(partial.to(accumulate), self.group, self.communication).to(partial.dtype)
-        return out if bias is None else out + bias
-
-    def _at_latents(self, per_latent, indices):
-        held, local = self._held_entries(indices)
-        return sum_over_shards(torch.where(held, per_latent[local], 0), self.group, self.communication)
-
-    def _held_latents(self, full):
-        v.require_shape("dead_mask", full, (self.num_latents,), f"[M] = [{self.num_latents}]")
-        return full[self.latent_slice]
+        return sum_over_shards(partial.to(accumulate), self.group, self.communication).to(partial.dtype)
 
     # train() names a checkpoint step_<n> plus this: a directory of shards.
     checkpoint_suffix = ""
@@ -188,7 +188,7 @@ class LatentShardedCoder:
         longest = shard_bounds(self.num_latents, world_size, 0)
         state = {}
         for name, tensor in self.state_dict().items():
-            if name not in LATENT_ROW_PARAMETERS:
+            if not is_latent_rows(name):
                 state[name] = tensor.detach().clone()
                 continue
             padded = tensor.new_zeros((longest.stop, *tensor.shape[1:]))
@@ -199,13 +199,59 @@ class LatentShardedCoder:
             state[name] = torch.cat([gathered[r, :size] for r, size in enumerate(sizes)])
         return state
 
-    def unsharded(self) -> SparseCoder:
+    def unsharded(self) -> nn.Module:
         """A full module of the original class holding the gathered parameters (collective)."""
         base = next(cls for cls in type(self).__mro__ if cls in SHARDABLE)
         module = unallocated_module(base, self.config)
         module.load_state_dict(self.gather_state_dict(), assign=True)
         module.backend = self.backend
         return module
+
+
+class LatentShardedCoder(LatentShards):
+    """Mixin over an interpkernels.nn SparseCoder class holding one rank's latents:
+    ``forward`` returns the unsharded module's SparseCoderOutput (global
+    indices) on every rank of ``group``, through the four methods
+    nn.SparseCoder routes its latent work through."""
+
+    def _candidates(self, x, b_enc, k, *, threshold=None):
+        return exact_global_topk(self, x, self.W_enc, b_enc, k, pre_bias=self._pre_bias(), threshold=threshold)
+
+    def _decode_rows(self, values, indices, bias):
+        held, local = self._held_entries(indices)
+        out = self._sum_partials(sparse_decode(torch.where(held, values, 0), local, self.W_dec, backend=self.backend))
+        return out if bias is None else out + bias
+
+    def _at_latents(self, per_latent, indices):
+        held, local = self._held_entries(indices)
+        return sum_over_shards(torch.where(held, per_latent[local], 0), self.group, self.communication)
+
+    def _held_latents(self, full):
+        v.require_shape("dead_mask", full, (self.num_latents,), f"[M] = [{self.num_latents}]")
+        return full[self.latent_slice]
+
+
+class LatentShardedCrossLayerTranscoder(LatentShards, CrossLayerTranscoder):
+    """One rank's latents of every layer of a CrossLayerTranscoder: each layer's
+    code is the exact global top-k of its own latents; each source layer
+    decodes the entries it holds to every later layer, and the ranks' partial
+    outputs of all layers are summed in one all-reduce."""
+
+    def encode(self, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [exact_global_topk(self, x, self.W_enc[layer], self.b_enc[layer], self.config["k"])
+                for layer, x in enumerate(inputs)]
+
+    def decode(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor | None] = [None] * self.config["num_layers"]
+        for source, (values, indices) in enumerate(codes):
+            held, local = self._held_entries(indices)
+            contributions = multi_target_decode(torch.where(held, values, 0), local, self.decoder(source),
+                                                backend=self.backend)
+            for offset, contribution in enumerate(contributions.unbind(0)):
+                target = source + offset
+                outputs[target] = contribution if outputs[target] is None else outputs[target] + contribution
+        summed = self._sum_partials(torch.stack(outputs))
+        return [out + self.b_dec[layer] for layer, out in enumerate(summed.unbind(0))]
 
 
 def unallocated_module(module_class: type[SparseCoder], config: dict) -> SparseCoder:
@@ -218,11 +264,13 @@ def unallocated_module(module_class: type[SparseCoder], config: dict) -> SparseC
     return module
 
 
-SHARDABLE = (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder)
-_SHARDED_CLASSES = {cls: type(f"LatentSharded{cls.__name__}", (LatentShardedCoder, cls), {}) for cls in SHARDABLE}
+_SHARDED_CLASSES = {cls: type(f"LatentSharded{cls.__name__}", (LatentShardedCoder, cls), {})
+                    for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder)}
+_SHARDED_CLASSES[CrossLayerTranscoder] = LatentShardedCrossLayerTranscoder
+SHARDABLE = tuple(_SHARDED_CLASSES)
 
 
-def shard_latents(module: SparseCoder, group: dist.ProcessGroup | None = None) -> SparseCoder:
+def shard_latents(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """This rank's latent shard of `module` (the same full module on every rank of `group`).
 
     Returns a module of a subclass of module's class holding the latents
@@ -238,7 +286,7 @@ def shard_latents(module: SparseCoder, group: dist.ProcessGroup | None = None) -
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_latents: torch.distributed is not initialized; call "
                            "torch.distributed.init_process_group first (torchrun sets up its environment)")
-    if isinstance(module, LatentShardedCoder):
+    if isinstance(module, LatentShards):
         raise TypeError("module: already latent-sharded")
     base = type(module)
     if base not in _SHARDED_CLASSES:
@@ -248,14 +296,12 @@ def shard_latents(module: SparseCoder, group: dist.ProcessGroup | None = None) -
         raise ValueError(f"module: {module.num_latents} latents cannot be shared by {world_size} ranks")
     bounds = shard_bounds(module.num_latents, world_size, rank)
 
-    sharded = _SHARDED_CLASSES[base].__new__(_SHARDED_CLASSES[base])
-    nn.Module.__init__(sharded)
-    for name, value in vars(module).items():
-        if not name.startswith("_"):
-            setattr(sharded, name, copy.deepcopy(value))
-    for name, parameter in module.named_parameters(recurse=False):
-        data = parameter.detach()[bounds] if name in LATENT_ROW_PARAMETERS else parameter.detach()
-        setattr(sharded, name, nn.Parameter(data.clone(), requires_grad=parameter.requires_grad))
-    sharded.backend = module.backend
+    # A deep copy whose parameters are the shard's: seeded into deepcopy's memo, so that
+    # the full latent rows are never copied.
+    memo = {id(parameter): nn.Parameter((parameter.detach()[bounds] if is_latent_rows(name) else parameter.detach())
+                                        .clone(), requires_grad=parameter.requires_grad)
+            for name, parameter in module.named_parameters()}
+    sharded = copy.deepcopy(module, memo)
+    sharded.__class__ = _SHARDED_CLASSES[base]
     sharded.group, sharded.latent_slice, sharded.communication = group, bounds, CommunicationCounter()
     return sharded
