@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from interpkernels._hooks import forward_hooks
 from interpkernels.train import memmap_batches
 
 MANIFEST = "manifest.json"
@@ -155,13 +156,12 @@ def harvest(
     tokens_file = open(directory / TOKENS, "wb")
     widths: dict[str, int] = {}
     captured: dict[str, torch.Tensor] = {}
-    handles = [modules[name].register_forward_hook(
-        lambda module, args, output, name=name: captured.__setitem__(name, output_tensor(name, output)))
-        for name in sites]
+    hooks = {name: lambda module, args, output, name=name: captured.__setitem__(name, output_tensor(name, output))
+             for name in sites}
     rows = 0
     bar = HarvestProgress(max_tokens, progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_hooks(modules, hooks):
             for batch in batches:
                 captured.clear()
                 call_model(model, batch)
@@ -187,8 +187,6 @@ def harvest(
                     break
     finally:
         bar.close()
-        for handle in handles:
-            handle.remove()
         for f in (*files.values(), tokens_file):
             f.close()
     if rows == 0:

@@ -15,17 +15,17 @@ whatever the numbers of outputs O and components C:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from interpkernels._hooks import forward_hooks
 from interpkernels.decomposition.components import LinearComponents
 from interpkernels.decomposition.jacobian import output_jacobian_rows
 from interpkernels.decomposition.losses import faithfulness_loss, reconstruction_loss, schatten_simplicity
@@ -85,17 +85,6 @@ class TrainingLog:
             self.bar.close()
 
 
-@contextlib.contextmanager
-def _replaced_outputs(model: nn.Module, replacements: dict[str, Callable]) -> Iterator[None]:
-    """Forward hooks on the named submodules; each hook's return value becomes the module's output."""
-    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in replacements.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, *,
                      probes: int | None = None, generator: torch.Generator | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +100,7 @@ def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: t
             return y
         return hook
 
-    with torch.enable_grad(), _replaced_outputs(model, {name: capture(name) for name in layers}):
+    with torch.enable_grad(), forward_hooks(model, {name: capture(name) for name in layers}):
         target_out = model(x)
     rows = output_jacobian_rows(target_out, [captured[name][1] for name in layers], probes=probes,
                                 generator=generator, retain_graph=False)
@@ -137,7 +126,7 @@ def apd_losses(model: nn.Module, layers: dict[str, LinearComponents], x: torch.T
     def through_selected(name):
         return lambda module, inputs, output: layers[name].topk_forward(inputs[0], indices, keep)
 
-    with _replaced_outputs(model, {name: through_selected(name) for name in layers}):
+    with forward_hooks(model, {name: through_selected(name) for name in layers}):
         topk_out = model(x)
     return {
         "faithfulness": faithfulness_loss(layers.values()),
