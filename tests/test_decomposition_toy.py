@@ -4,8 +4,6 @@ from its own generator (seed 0); the components, gates and data come from anothe
 (seed 1)."""
 
 import dataclasses
-import io
-import sys
 
 import pytest
 import torch
@@ -101,14 +99,8 @@ def test_apd_training_loop_logs_plain_lines_and_fits_the_weights(target, capsys)
     assert len(before.best_cosine) == len(after.best_cosine) == 5
 
 
-class FakeTerminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_training_log_on_a_terminal_is_a_tqdm_bar_ending_in_the_last_terms(monkeypatch):
-    terminal = FakeTerminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
+def test_training_log_on_a_terminal_is_a_tqdm_bar_ending_in_the_last_terms(fake_terminal):
+    terminal = fake_terminal()
     log = TrainingLog(4, 2)
     logged = [log.update(step, {"faithfulness": torch.tensor(step / 10)}) for step in range(1, 5)]
     log.close()
