@@ -1,6 +1,8 @@
 import contextlib
+import io
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -89,3 +91,21 @@ def target(request):
     the CPU kernels once per instruction-set level."""
     with cpu_kernels_at(request.param.cpu_isa):
         yield request.param
+
+
+# ---- progress displays (train, decomposition) ----
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def fake_terminal(monkeypatch):
+    """Call it in the test body (pytest's capture resets sys.stderr after fixtures run):
+    sys.stderr becomes a terminal (isatty() is True) whose text the test reads back."""
+    def install() -> io.StringIO:
+        terminal = _FakeTerminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        return terminal
+    return install

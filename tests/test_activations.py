@@ -91,3 +91,4 @@ def test_harvest_progress_in_a_log_is_plain_lines(tmp_path, capsys):
     activations.harvest(Tagger(), ["block"], padded_batches(2), tmp_path, max_tokens=10)
     err = capsys.readouterr().err
     assert "harvested 10 of 10 tokens" in err and "\r" not in err
+    assert err.splitlines()[-1].endswith("  left 00:00")  # the total was known: the shared tail says what is left

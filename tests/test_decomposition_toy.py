@@ -20,7 +20,7 @@ from interpkernels.decomposition import (
     toy,
     train_spd,
 )
-from interpkernels.decomposition.train import APDConfig
+from interpkernels.decomposition.train import APDConfig, TrainingLog
 
 # The recovery test's run: TOY_CONFIG (the README's 4000 steps of 1024 tokens) cut to fit the
 # test budget: 2500 steps of 512 tokens at twice the learning rate.
@@ -93,9 +93,21 @@ def test_apd_training_loop_logs_plain_lines_and_fits_the_weights(target, capsys)
     layers, before, after = toy.decompose(target, 5, config=config, batch=256)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["30/60", "60/60"]
+    assert all(" elapsed " in line and " left " in line for line in lines)  # the shared plain-line tail
     faithfulness = [float(line.split("faithfulness ")[1].split()[0]) for line in lines]
     assert faithfulness[1] < faithfulness[0]  # the components start adding up to the target
     assert len(before.best_cosine) == len(after.best_cosine) == 5
+
+
+def test_training_log_on_a_terminal_is_a_tqdm_bar_ending_in_the_last_terms(fake_terminal):
+    terminal = fake_terminal()
+    log = TrainingLog(4, 2)
+    logged = [log.update(step, {"faithfulness": torch.tensor(step / 10)}) for step in range(1, 5)]
+    log.close()
+    assert logged == [False, True, False, True]
+    final = terminal.getvalue().split("\r")[-1]
+    assert "4/4" in final and "100%|" in final and "faithfulness 0.4" in final
+    assert "step 4/4" not in terminal.getvalue()  # no plain lines beside the bar
 
 
 def test_spd_training_loop_logs_plain_lines_and_moves_toward_the_mechanisms(target, capsys):

@@ -1,8 +1,6 @@
 """interpkernels.train and the demo's pieces, at sizes that run in seconds."""
 
-import io
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -104,14 +102,8 @@ def test_progress_off_a_terminal_adds_a_line_every_interval(capsys, monkeypatch)
     assert [line.split()[1] for line in capsys.readouterr().err.splitlines()] == ["1/5", "2/5", "3/5", "4/5", "5/5"]
 
 
-class FakeTerminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
-    terminal = FakeTerminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
+def test_progress_on_a_terminal_is_a_tqdm_bar(fake_terminal):
+    terminal = fake_terminal()
     data = demo.SyntheticActivations.make(16, 32, 2.0, seed=0)
     history = train(TopKSAE(16, 64, 4, seed=0), data.batches(64), steps=40, lr=3e-3, log_every=50,
                     dead_after_tokens=640)

@@ -18,8 +18,6 @@ token each activation row belongs to. ``manifest.json`` records the shapes;
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from interpkernels._hooks import forward_hooks
+from interpkernels._progress import Progress
 from interpkernels.train import memmap_batches
 
 MANIFEST = "manifest.json"
@@ -84,37 +83,26 @@ def load(directory: str | Path) -> dict[str, HarvestedSite]:
             for name, entry in manifest["sites"].items()}
 
 
-class HarvestProgress:
-    """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line every
-    `PLAIN_LINE_SECONDS` and at the end, never '\\r'."""
-
-    PLAIN_LINE_SECONDS = 10.0
+class HarvestProgress(Progress):
+    """A tqdm bar of tokens on a terminal; elsewhere (a log file, CI) a plain line
+    every `PLAIN_LINE_SECONDS` and at the end, never '\\r'."""
 
     def __init__(self, total: int | None, enabled: bool):
-        self.total, self.enabled, self.rows = total, enabled, 0
-        self.started = self.last_line = time.perf_counter()
-        self.bar = tqdm(total=total, unit="tok", file=sys.stderr, dynamic_ncols=True) \
-            if enabled and sys.stderr.isatty() else None
+        super().__init__(total, "tok", enabled)
 
     def advance(self, rows: int) -> None:
-        self.rows += rows
-        if self.bar is not None:
-            self.bar.update(rows)
-        elif self.enabled and time.perf_counter() - self.last_line >= self.PLAIN_LINE_SECONDS:
+        super().advance(rows)
+        if self.bar is None and self.due():
             self.line()
 
     def line(self) -> None:
-        self.last_line = time.perf_counter()
-        elapsed = self.last_line - self.started
         of = f" of {self.total:,}" if self.total else ""
-        print(f"harvested {self.rows:,}{of} tokens  {self.rows / max(elapsed, 1e-9):,.0f} tok/s  "
-              f"elapsed {tqdm.format_interval(elapsed)}", file=sys.stderr, flush=True)
+        self.show(f"harvested {self.done:,}{of} tokens", f"{self.done / max(self.elapsed(), 1e-9):,.0f} tok/s")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
+        if self.bar is None:
             self.line()
+        super().close()
 
 
 def _token_mask(batch: object) -> torch.Tensor | None:
@@ -155,13 +143,12 @@ def harvest(
     tokens_file = open(directory / TOKENS, "wb")
     widths: dict[str, int] = {}
     captured: dict[str, torch.Tensor] = {}
-    handles = [modules[name].register_forward_hook(
-        lambda module, args, output, name=name: captured.__setitem__(name, output_tensor(name, output)))
-        for name in sites]
+    hooks = {name: lambda module, args, output, name=name: captured.__setitem__(name, output_tensor(name, output))
+             for name in sites}
     rows = 0
     bar = HarvestProgress(max_tokens, progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_hooks(modules, hooks):
             for batch in batches:
                 captured.clear()
                 call_model(model, batch)
@@ -187,8 +174,6 @@ def harvest(
                     break
     finally:
         bar.close()
-        for handle in handles:
-            handle.remove()
         for f in (*files.values(), tokens_file):
             f.close()
     if rows == 0:

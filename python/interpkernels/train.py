@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from interpkernels._progress import Progress
 from interpkernels.nn import JumpReLUSAE, SparseCoder
 
 
@@ -113,47 +112,28 @@ def memmap_batches(path: str | Path, d: int, batch_size: int, *, dtype=np.float3
     return batches()
 
 
-class ProgressDisplay:
-    """What train() shows on stderr while it runs: a tqdm bar on a terminal;
-    elsewhere (a log file, CI) plain lines, no '\\r', after the first step,
-    then every `PLAIN_LINE_SECONDS` and at the last step, so the first news
-    comes within seconds whatever log_every is."""
-
-    TERMINAL_STATUS_SECONDS = 1.0
-    PLAIN_LINE_SECONDS = 10.0
+class ProgressDisplay(Progress):
+    """What train() shows on stderr while it runs: a tqdm bar of steps on a
+    terminal; elsewhere (a log file, CI) plain lines, no '\\r', after the first
+    step, then every `PLAIN_LINE_SECONDS` and at the last step, so the first
+    news comes within seconds whatever log_every is."""
 
     def __init__(self, steps: int, num_latents: int):
-        self.steps, self.num_latents = steps, num_latents
-        self.started = self.last_shown = time.perf_counter()
-        self.tokens = 0
-        self.bar = tqdm(total=steps, unit="step", file=sys.stderr, dynamic_ncols=True) if sys.stderr.isatty() else None
+        super().__init__(steps, "step")
+        self.num_latents, self.tokens = num_latents, 0
 
-    def advance(self, tokens: int) -> None:
+    def step_done(self, tokens: int) -> None:
         self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(1)
+        self.advance()
 
-    def due(self, step: int) -> bool:
+    def status_due(self, step: int) -> bool:
         """Whether to show a status now (each status waits for the device)."""
-        interval = self.TERMINAL_STATUS_SECONDS if self.bar is not None else self.PLAIN_LINE_SECONDS
-        return step == 1 or step == self.steps or time.perf_counter() - self.last_shown >= interval
+        return step == 1 or step == self.total or self.due()
 
-    def show(self, step: int, fvu: float, l0: float, dead: int) -> None:
-        now = time.perf_counter()
-        self.last_shown = now
-        status = (f"fvu {fvu:.4f}  l0 {l0:.1f}  dead {dead} of {self.num_latents}  "
-                  f"{self.tokens / (now - self.started):,.0f} tok/s")
-        if self.bar is not None:
-            self.bar.set_postfix_str(status, refresh=False)
-            return
-        elapsed = now - self.started
-        remaining = elapsed / step * (self.steps - step)
-        print(f"step {step}/{self.steps}  {status}  elapsed {tqdm.format_interval(elapsed)}  "
-              f"left {tqdm.format_interval(remaining)}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def report(self, step: int, fvu: float, l0: float, dead: int) -> None:
+        self.show(f"step {step}/{self.total}",
+                  f"fvu {fvu:.4f}  l0 {l0:.1f}  dead {dead} of {self.num_latents}  "
+                  f"{self.tokens / self.elapsed():,.0f} tok/s")
 
 
 def _split(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -226,10 +206,10 @@ def train(
         tokens = x.numel() // x.shape[-1]
         tokens_since_log += tokens
         if display is not None:
-            display.advance(tokens)
+            display.step_done(tokens)
 
         logging = step % log_every == 0 or step == steps
-        showing = display is not None and display.due(step)
+        showing = display is not None and display.status_due(step)
         if logging or showing:
             fvu, l0, dead_latents = out.fvu.item(), out.l0.item(), int(dead.dead_mask(dead_after_tokens).sum())
         if logging:
@@ -245,7 +225,7 @@ def train(
                                          + gradient_bytes + dead_mask_bytes)
             started, tokens_since_log = time.perf_counter(), 0
         if showing:
-            display.show(step, fvu, l0, dead_latents)
+            display.report(step, fvu, l0, dead_latents)
         if checkpoint_dir is not None and step % checkpoint_every == 0 and writes_checkpoints:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             module.save(Path(checkpoint_dir) / f"step_{step}{module.checkpoint_suffix}")

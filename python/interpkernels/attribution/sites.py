@@ -16,13 +16,15 @@ as part of x_hat.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
+from interpkernels._hooks import forward_hooks
 from interpkernels.activations import call_model, output_tensor
 from interpkernels.nn import Transcoder
 
@@ -115,21 +117,11 @@ def code_at(name: str, coder: nn.Module, args: tuple, output: object) -> tuple[S
 Hook = Callable[[str, nn.Module, nn.Module, tuple, object], object]
 
 
-@contextmanager
-def hooked(modules: Mapping[str, nn.Module], coders: Mapping[str, nn.Module], hook: Hook) -> Iterator[None]:
+def hooked(modules: Mapping[str, nn.Module], coders: Mapping[str, nn.Module], hook: Hook
+           ) -> AbstractContextManager[None]:
     """Forward hooks ``hook(name, coder, module, args, output)`` on every site,
     removed on exit whatever happens inside."""
-    handles = []
-    try:
-        for name, module in modules.items():
-            def site_hook(module, args, output, name=name):
-                return hook(name, coders[name], module, args, output)
-
-            handles.append(module.register_forward_hook(site_hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return forward_hooks(modules, {name: partial(hook, name, coders[name]) for name in modules})
 
 
 def record_codes(model: nn.Module, modules: Mapping[str, nn.Module], coders: Mapping[str, nn.Module],

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from interpkernels import _validation as v
+from interpkernels._hooks import forward_hooks
 from interpkernels.decomposition.components import LinearComponents
 from interpkernels.decomposition.losses import (
     faithfulness_loss,
@@ -36,7 +37,7 @@ from interpkernels.decomposition.losses import (
     reconstruction_loss,
     stochastic_masks,
 )
-from interpkernels.decomposition.train import _replaced_outputs, optimise
+from interpkernels.decomposition.train import optimise
 
 
 class CausalImportance(nn.Module):
@@ -106,7 +107,7 @@ def causal_importances(model: nn.Module, layers: dict[str, LinearComponents], ga
             inputs[name] = layer_inputs[0].detach()
         return hook
 
-    with torch.no_grad(), _replaced_outputs(model, {name: capture(name) for name in layers}):
+    with torch.no_grad(), forward_hooks(model, {name: capture(name) for name in layers}):
         target_out = model(x)
     z = {name: gates[name](layer.component_acts(inputs[name])) for name, layer in layers.items()}
     return z, inputs, target_out
@@ -121,7 +122,7 @@ def spd_losses(model: nn.Module, layers: dict[str, LinearComponents], gates: dic
     def run_masked(masks: dict[str, torch.Tensor]) -> torch.Tensor:
         def through(name):
             return lambda module, inputs, output: layers[name].masked_forward(inputs[0], masks[name])
-        with _replaced_outputs(model, {name: through(name) for name in masks}):
+        with forward_hooks(model, {name: through(name) for name in masks}):
             return model(x)
 
     importances = {name: mask_importance(value) for name, value in z.items()}

@@ -15,17 +15,15 @@ whatever the numbers of outputs O and components C:
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from interpkernels._hooks import forward_hooks
+from interpkernels._progress import Progress
 from interpkernels.decomposition.components import LinearComponents
 from interpkernels.decomposition.jacobian import output_jacobian_rows
 from interpkernels.decomposition.losses import faithfulness_loss, reconstruction_loss, schatten_simplicity
@@ -55,45 +53,23 @@ class APDHistory:
     simplicity: list[float] = field(default_factory=list)
 
 
-class TrainingLog:
+class TrainingLog(Progress):
     """Progress of a training loop: a tqdm bar on a terminal, plain lines every ``log_every``
     steps elsewhere (``progress=False``: silent)."""
 
     def __init__(self, steps: int, log_every: int, progress: bool = True) -> None:
-        self.steps, self.log_every, self.progress = steps, log_every, progress
-        self.bar = tqdm(total=steps, unit="step", file=sys.stderr, dynamic_ncols=True) \
-            if progress and sys.stderr.isatty() else None
-        self.started = time.perf_counter()
+        super().__init__(steps, "step", progress)
+        self.log_every = log_every
 
     def update(self, step: int, terms: dict[str, torch.Tensor]) -> bool:
         """Advances the bar; on a logging step (every log_every, and the last) shows the loss
         terms and returns True."""
-        if self.bar is not None:
-            self.bar.update()
-        if step % self.log_every and step != self.steps:
+        self.advance()
+        if step % self.log_every and step != self.total:
             return False
-        status = "  ".join(f"{name} {value.item():.3g}" for name, value in terms.items())
-        if self.bar is not None:
-            self.bar.set_postfix_str(status)
-        elif self.progress:
-            elapsed = tqdm.format_interval(time.perf_counter() - self.started)
-            print(f"step {step}/{self.steps}  {status}  elapsed {elapsed}", file=sys.stderr, flush=True)
+        self.show(f"step {step}/{self.total}",
+                  "  ".join(f"{name} {value.item():.3g}" for name, value in terms.items()))
         return True
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-@contextlib.contextmanager
-def _replaced_outputs(model: nn.Module, replacements: dict[str, Callable]) -> Iterator[None]:
-    """Forward hooks on the named submodules; each hook's return value becomes the module's output."""
-    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in replacements.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, *,
@@ -111,7 +87,7 @@ def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: t
             return y
         return hook
 
-    with torch.enable_grad(), _replaced_outputs(model, {name: capture(name) for name in layers}):
+    with torch.enable_grad(), forward_hooks(model, {name: capture(name) for name in layers}):
         target_out = model(x)
     rows = output_jacobian_rows(target_out, [captured[name][1] for name in layers], probes=probes,
                                 generator=generator, retain_graph=False)
@@ -137,7 +113,7 @@ def apd_losses(model: nn.Module, layers: dict[str, LinearComponents], x: torch.T
     def through_selected(name):
         return lambda module, inputs, output: layers[name].topk_forward(inputs[0], indices, keep)
 
-    with _replaced_outputs(model, {name: through_selected(name) for name in layers}):
+    with forward_hooks(model, {name: through_selected(name) for name in layers}):
         topk_out = model(x)
     return {
         "faithfulness": faithfulness_loss(layers.values()),
