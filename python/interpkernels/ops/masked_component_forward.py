@@ -9,8 +9,8 @@ any device: BLAS on CPU, cuBLAS on CUDA); Triton: one fused kernel
 (triton_kernels/masked_component_forward.py) that writes neither h * mask nor
 x W_delta^T. The backward, the same torch ops for both, with g = grad_out:
     dh_m = g @ U^T,  grad_h = dh_m * mask,  grad_mask = dh_m * h,  grad_U = (h * mask)^T g,
-    g_d = delta_mask * g,  grad_x = g_d @ W_delta,  grad_W_delta = g_d^T x,
-    grad_delta_mask = rowsum(g * (x @ W_delta^T)),  grad_bias = sum_n g.
+    g_d = delta_mask * g,  grad_x = g_d @ W_delta = delta_mask * (g @ W_delta),  grad_W_delta = g_d^T x,
+    grad_delta_mask = rowsum(g * (x @ W_delta^T)) = rowsum((g @ W_delta) * x),  grad_bias = sum_n g.
 """
 
 from __future__ import annotations
@@ -92,21 +92,29 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    """The module docstring's gradients. grad_delta_mask reads g @ W_delta, which grad_x
+    needs anyway, instead of recomputing x @ W_delta^T (one GEMM fewer); grad_U comes
+    first so that its h * mask is freed before the [N, C] gradients exist."""
     x, h, mask, U, W_delta, delta_mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_x = grad_h = grad_mask = grad_U = grad_W_delta = grad_delta_mask = grad_bias = None
+    if need[3]:
+        grad_U = (h * mask).T @ grad_out
     if need[1] or need[2]:
         grad_masked = grad_out @ U.T
         grad_h = grad_masked * mask if need[1] else None
         grad_mask = grad_masked * h if need[2] else None
-    if need[3]:
-        grad_U = (h * mask).T @ grad_out
+        del grad_masked
     if W_delta is not None:
-        grad_delta = grad_out if delta_mask is None else grad_out * delta_mask.unsqueeze(1)
-        grad_x = grad_delta @ W_delta if need[0] else None
-        grad_W_delta = grad_delta.T @ x if need[4] else None
-        if delta_mask is not None and need[5]:
-            grad_delta_mask = (grad_out * (x @ W_delta.T)).sum(1)
+        if need[0] or (delta_mask is not None and need[5]):
+            grad_through_delta = grad_out @ W_delta  # g W_delta [N, d_in]
+            if delta_mask is not None and need[5]:
+                grad_delta_mask = (grad_through_delta * x).sum(1)
+            if need[0]:
+                grad_x = grad_through_delta if delta_mask is None else grad_through_delta * delta_mask.unsqueeze(1)
+        if need[4]:
+            grad_delta = grad_out if delta_mask is None else grad_out * delta_mask.unsqueeze(1)
+            grad_W_delta = grad_delta.T @ x
     if ctx.has_bias and need[6]:
         grad_bias = grad_out.sum(0)
     return grad_x, grad_h, grad_mask, grad_U, grad_W_delta, grad_delta_mask, grad_bias
