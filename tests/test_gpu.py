@@ -83,6 +83,38 @@ def test_sparse_decode_past_every_default_tile(dtype, gpu_target):
         assert_matches_oracle(got, want, torch_result if dtype != torch.float32 else None)
 
 
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_masked_component_forward_past_every_tile(dtype, backend):
+    """SPD's masked layer on cuBLAS (native) and the fused Triton kernel: N, C, d_in and
+    d_out past its 64 x 64 x 32 tiles, the delta term on; values and every gradient."""
+    from interpkernels.ops.masked_component_forward import masked_component_forward
+
+    C, d_in, d_out = 1031, 300, 1000
+    generator = torch.Generator(device="cuda").manual_seed(2)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device="cuda", generator=generator)).to(dtype)
+
+    inputs = [draw(N, d_in), draw(N, C), torch.rand(N, C, device="cuda", generator=generator).to(dtype),
+              draw(C, d_out, scale=C**-0.5), draw(d_out, d_in, scale=d_in**-0.5),
+              torch.rand(N, device="cuda", generator=generator).to(dtype), draw(d_out)]
+    grad_out = draw(N, d_out)
+
+    def run(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(grad_out.to(out.dtype))
+        return [out.detach(), *(leaf.grad for leaf in leaves)]
+
+    ours = run(lambda x, h, m, U, W, dm, b: masked_component_forward(x, h, m, U, W_delta=W, delta_mask=dm, bias=b,
+                                                                     backend=backend), inputs)
+    oracle = run(reference.masked_component_forward, [t.double() for t in inputs])
+    torch_same = run(reference.masked_component_forward, inputs)
+    for got, want, torch_result in zip(ours, oracle, torch_same):
+        assert_matches_oracle(got, want, torch_result if dtype != torch.float32 else None)
+
+
 def test_topk_sae_step_with_auxk_has_no_host_sync_and_replays_in_a_cuda_graph():
     """The training step of interpkernels.train, AuxK included, under
     set_sync_debug_mode("error") (a host sync raises), then captured in a CUDA
