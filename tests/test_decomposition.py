@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import interpkernels
-from interpkernels import reference
+from interpkernels import masked_component_forward, reference
 from interpkernels.decomposition import (
     LinearComponents,
     batch_topk_components,
@@ -18,7 +18,6 @@ from interpkernels.decomposition import (
     stochastic_masks,
     topk_components,
 )
-from interpkernels.ops.masked_component_forward import masked_component_forward
 from devices import TRITON_DEVICE
 from oracle import ALL_DTYPES, assert_matches_oracle
 

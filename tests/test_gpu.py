@@ -88,8 +88,6 @@ def test_sparse_decode_past_every_default_tile(dtype, gpu_target):
 def test_masked_component_forward_past_every_tile(dtype, backend):
     """SPD's masked layer on cuBLAS (native) and the fused Triton kernel: N, C, d_in and
     d_out past its 64 x 64 x 32 tiles, the delta term on; values and every gradient."""
-    from interpkernels.ops.masked_component_forward import masked_component_forward
-
     C, d_in, d_out = 1031, 300, 1000
     generator = torch.Generator(device="cuda").manual_seed(2)
 
@@ -107,8 +105,8 @@ def test_masked_component_forward_past_every_tile(dtype, backend):
         out.backward(grad_out.to(out.dtype))
         return [out.detach(), *(leaf.grad for leaf in leaves)]
 
-    ours = run(lambda x, h, m, U, W, dm, b: masked_component_forward(x, h, m, U, W_delta=W, delta_mask=dm, bias=b,
-                                                                     backend=backend), inputs)
+    ours = run(lambda x, h, m, U, W, dm, b: interpkernels.masked_component_forward(
+        x, h, m, U, W_delta=W, delta_mask=dm, bias=b, backend=backend), inputs)
     oracle = run(reference.masked_component_forward, [t.double() for t in inputs])
     torch_same = run(reference.masked_component_forward, inputs)
     for got, want, torch_result in zip(ours, oracle, torch_same):
