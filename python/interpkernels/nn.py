@@ -308,15 +308,23 @@ class CrossLayerTranscoder(SafetensorsModule):
         return [topk_encode(x, self.W_enc[layer], self.b_enc[layer], self.config["k"], backend=self.backend)
                 for layer, x in enumerate(inputs)]
 
+    def _contributions(self, source: int, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``[L - source, ..., d]``: layer `source`'s code decoded to it and to every later layer."""
+        return multi_target_decode(values, indices, self.decoder(source), backend=self.backend)
+
+    def _combined(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every layer's reconstruction (before b_dec) from this module's sums of contributions;
+        a latent shard (interpkernels.distributed) adds up its ranks'."""
+        return outputs
+
     def decode(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Reconstructions of every layer's MLP output: sum over source layers l <= t."""
         outputs: list[torch.Tensor | None] = [None] * self.config["num_layers"]
         for source, (values, indices) in enumerate(codes):
-            contributions = multi_target_decode(values, indices, self.decoder(source), backend=self.backend)
-            for offset, contribution in enumerate(contributions.unbind(0)):
+            for offset, contribution in enumerate(self._contributions(source, values, indices).unbind(0)):
                 target = source + offset
                 outputs[target] = contribution if outputs[target] is None else outputs[target] + contribution
-        return [out + self.b_dec[layer] for layer, out in enumerate(outputs)]
+        return [out + self.b_dec[layer] for layer, out in enumerate(self._combined(outputs))]
 
     def forward(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> SparseCoderOutput:
         """FVU over all layers together; values/indices stacked ``[L, ..., k]``;

@@ -38,7 +38,6 @@ from interpkernels.distributed.collectives import (
     sum_over_shards,
 )
 from interpkernels.nn import BatchTopKSAE, CrossLayerTranscoder, JumpReLUSAE, SparseCoder, TopKSAE, Transcoder
-from interpkernels.ops.multi_target_decode import multi_target_decode
 from interpkernels.ops.sparse_decode import sparse_decode
 from interpkernels.ops.topk_encode import topk_encode
 
@@ -241,17 +240,12 @@ class LatentShardedCrossLayerTranscoder(LatentShards, CrossLayerTranscoder):
         return [exact_global_topk(self, x, self.W_enc[layer], self.b_enc[layer], self.config["k"])
                 for layer, x in enumerate(inputs)]
 
-    def decode(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        outputs: list[torch.Tensor | None] = [None] * self.config["num_layers"]
-        for source, (values, indices) in enumerate(codes):
-            held, local = self._held_entries(indices)
-            contributions = multi_target_decode(torch.where(held, values, 0), local, self.decoder(source),
-                                                backend=self.backend)
-            for offset, contribution in enumerate(contributions.unbind(0)):
-                target = source + offset
-                outputs[target] = contribution if outputs[target] is None else outputs[target] + contribution
-        summed = self._sum_partials(torch.stack(outputs))
-        return [out + self.b_dec[layer] for layer, out in enumerate(summed.unbind(0))]
+    def _contributions(self, source, values, indices):
+        held, local = self._held_entries(indices)
+        return super()._contributions(source, torch.where(held, values, 0), local)
+
+    def _combined(self, outputs):
+        return list(self._sum_partials(torch.stack(outputs)).unbind(0))
 
 
 def unallocated_module(module_class: type[SparseCoder], config: dict) -> SparseCoder:
