@@ -9,6 +9,8 @@ N is chosen per shape so that N C d stays near 2^30 (at least 64 tokens)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from interpkernels import reference
@@ -16,22 +18,14 @@ from interpkernels.benchmarks.harness import Case, op_case
 from interpkernels.ops.masked_component_forward import masked_component_forward
 
 
-def _reference(x, h, mask, U, W_delta, delta_mask, bias):
-    return reference.masked_component_forward(x, h, mask, U, W_delta, delta_mask, bias)
+def _ours(x, h, mask, U, W_delta, delta_mask, bias, backend=None):
+    """The op with the reference's positional arguments."""
+    return masked_component_forward(x, h, mask, U, W_delta=W_delta, delta_mask=delta_mask, bias=bias, backend=backend)
 
 
-def _ours(x, h, mask, U, W_delta, delta_mask, bias):
-    return masked_component_forward(x, h, mask, U, W_delta=W_delta, delta_mask=delta_mask, bias=bias)
-
-
-def _ours_triton(x, h, mask, U, W_delta, delta_mask, bias):
-    return masked_component_forward(x, h, mask, U, W_delta=W_delta, delta_mask=delta_mask, bias=bias,
-                                    backend="triton")
-
-
-IMPLEMENTATIONS = {"interpkernels": _ours, "reference (autograd)": _reference}
+IMPLEMENTATIONS = {"interpkernels": _ours, "reference (autograd)": reference.masked_component_forward}
 # On CUDA "interpkernels" (auto) is the native op on cuBLAS; the fused Triton kernel runs beside it.
-GPU_IMPLEMENTATIONS = {**IMPLEMENTATIONS, "interpkernels (triton)": _ours_triton}
+GPU_IMPLEMENTATIONS = {**IMPLEMENTATIONS, "interpkernels (triton)": functools.partial(_ours, backend="triton")}
 
 
 def tokens_for(C: int, d: int, budget: float = 2.0**30) -> int:
