@@ -65,14 +65,16 @@ def component_attribution_kernel(dtype: str) -> None:
 
 def masked_component_forward_kernel(dtype: str, with_delta: bool) -> None:
     """The launcher's largest tiles (triton_kernels/masked_component_forward.py), the delta
-    term (with its row mask and the bias) on or off."""
+    term (with its row mask and the bias) on, or off with those pointers None as the launcher passes them."""
     pointer = f"*{dtype}"
+    optional = ("w_ptr", "delta_mask_ptr", "bias_ptr")
     names = ("xn", "xi", "hn", "hj", "mn", "mj", "uj", "ud", "wd", "wi", "dm", "on", "od")
-    types = dict(x_ptr=pointer, h_ptr=pointer, mask_ptr=pointer, u_ptr=pointer, w_ptr=pointer,
-                 delta_mask_ptr=pointer, bias_ptr=pointer, out_ptr=pointer, N="i32", J="i32", d_in="i32",
-                 d_out="i32", **{f"stride_{name}": "i32" for name in names})
+    types = dict(x_ptr=pointer, h_ptr=pointer, mask_ptr=pointer, u_ptr=pointer, out_ptr=pointer, N="i32", J="i32",
+                 d_in="i32", d_out="i32", **{f"stride_{name}": "i32" for name in names},
+                 **({name: pointer for name in optional} if with_delta else {}))
     constants = dict(HAS_DELTA=with_delta, HAS_DELTA_MASK=with_delta, HAS_BIAS=with_delta, BLOCK_N=64,
-                     BLOCK_D=64, BLOCK_K=32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                     BLOCK_D=64, BLOCK_K=32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                     **({} if with_delta else {name: None for name in optional}))
     compile_for_hopper(masked._masked_component_forward_kernel, types, constants)
 
 
