@@ -181,13 +181,17 @@ def test_masked_forward_gradcheck_and_rank_m():
         torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.usefixtures("triton_as_on_gpu")
+@pytest.mark.parametrize("op_name", ["masked_component_forward", "masked_component_forward_triton"])
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_masked_forward_opcheck(with_delta):
-    x, V, U, W_target, mask, delta_mask, bias = spd_problem(torch.float32)
+def test_masked_forward_opcheck(with_delta, op_name):
+    """The native op and its Triton registration (on TRITON_DEVICE): schema, fake, autograd."""
+    device = "cpu" if op_name == "masked_component_forward" else TRITON_DEVICE
+    x, V, U, W_target, mask, delta_mask, bias = (t.to(device) for t in spd_problem(torch.float32))
     W_delta = (W_target - (V @ U).T) if with_delta else None
     args = (x.requires_grad_(), (x @ V).detach().requires_grad_(), mask.requires_grad_(), U.requires_grad_(),
             W_delta.detach().requires_grad_() if with_delta else None, delta_mask if with_delta else None, bias)
-    torch.library.opcheck(ops.masked_component_forward.default, args)
+    torch.library.opcheck(getattr(ops, op_name).default, args)
 
 
 def test_masked_forward_bad_inputs():
