@@ -1,8 +1,14 @@
 """interpkernels.attribution against float64 oracles written with dense autograd.
 
 Node oracle: at every site the code is built densely from the reference
-encoder (``[N, M]``, differentiable), decoded by a matmul, the error added as
-a leaf; the node scores are ``(F_p - F_c) * dm/dF`` and ``(eps_p - eps_c) . dm/deps``.
+encoder (``[N, M]``), decoded by a matmul, the error added as a leaf; the node
+scores are ``(F_p - F_c) * dm/dF`` and ``(eps_p - eps_c) . dm/deps``. By
+default the site's real output receives its reconstruction's gradient, as
+feature-circuits' ``_pe_attrib`` does (saprmarks/feature-circuits,
+attribution.py: ``x_recon = x_hat + residual; ...; x.grad = x_recon.grad``),
+written here as an autograd Function that hands x_recon's gradient to x;
+with ``gradient="through_coders"`` the code is differentiable in the site's
+input and nothing else reaches it.
 IG oracle: the explicit S-step loop over interpolated dense codes.
 Edge oracle: the gradient at zero of an edge mask (auto-circuit's EAP), on a
 model written out block by block.
@@ -75,6 +81,19 @@ def dense_code(coder, x):
     return reference.densify(values, indices, coder.num_latents)
 
 
+class GradientToOutput(torch.autograd.Function):
+    """feature-circuits' ``x.grad = x_recon.grad``: the value of x_recon, whose
+    gradient also goes to the submodule's real output x."""
+
+    @staticmethod
+    def forward(ctx, x, x_recon):
+        return x_recon.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+
 def dense_site(coder, args, output):
     """(dense code F, error) at a site; F differentiable in the site's input."""
     read = args[0] if isinstance(coder, Transcoder) else output
@@ -103,7 +122,7 @@ def with_first(output, tensor):
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
 
-def dense_oracle(model, sites, clean, patched, metric, *, ig_site=None, alpha=0.0):
+def dense_oracle(model, sites, clean, patched, metric, *, ig_site=None, alpha=0.0, gradient="straight_through"):
     """Per site: (F_p - F_c, dm/dF, eps_p - eps_c, dm/deps). With ig_site, that
     site's code and error are the interpolations at alpha (the others spliced)."""
     recorded = {}
@@ -127,6 +146,13 @@ def dense_oracle(model, sites, clean, patched, metric, *, ig_site=None, alpha=0.
             (F_c, eps_c), (F_p, eps_p) = clean_sites[name], recorded[name]
             F = (F_c + alpha * (F_p - F_c)).requires_grad_()
             eps = (eps_c + alpha * (eps_p - eps_c)).requires_grad_()
+        elif gradient == "straight_through":
+            x = first(output)
+            F, eps = dense_site(coder, (args[0].detach(),), x.detach())
+            F.requires_grad_()
+            eps.requires_grad_()
+            leaves[name] = (F, eps)
+            return with_first(output, GradientToOutput.apply(x, F @ coder.W_dec + coder.b_dec + eps))
         else:
             F, eps = dense_site(coder, args, first(output))
             eps.requires_grad_()
@@ -165,11 +191,12 @@ def toy():
     return model, sites
 
 
-def test_atp_nodes_match_dense_autograd(toy):
+@pytest.mark.parametrize("gradient", ["straight_through", "through_coders"])
+def test_atp_nodes_match_dense_autograd(toy, gradient):
     model, sites = toy
     clean, patched = tokens(seed=1), tokens(seed=2)
-    result = attribute(model, sites, clean, patched, logit_difference)
-    check_nodes(result, dense_oracle(model, sites, clean, patched, logit_difference))
+    result = attribute(model, sites, clean, patched, logit_difference, gradient=gradient)
+    check_nodes(result, dense_oracle(model, sites, clean, patched, logit_difference, gradient=gradient))
     assert not any(m._forward_hooks for m in model.modules())
     # The scores estimate the metric's change; the attribute's own metric values are the model's.
     assert result.metric_clean == pytest.approx(float(logit_difference(model(clean)).sum()), rel=1e-9)
@@ -216,8 +243,10 @@ def test_ig_matches_the_explicit_step_loop(toy):
 def edge_mask_oracle(model, saes, clean, patched, metric, dst_latents):
     """Edges blocks.0 -> blocks.1 as d metric / d mask at mask = 0, where the
     mask lets source latent j (or the source error) take its patched value on
-    the path into destination latent b only. Written out block by block."""
-    src, dst, last = saes["blocks.0"], saes["blocks.1"], saes["blocks.2"]
+    the path into destination latent b only (EAP as feature-circuits computes
+    it: the metric's gradient crosses the later site blocks.2 straight
+    through). Written out block by block."""
+    src, dst = saes["blocks.0"], saes["blocks.1"]
     blocks = model.blocks
 
     def codes(inputs):
@@ -242,9 +271,8 @@ def edge_mask_oracle(model, saes, clean, patched, metric, dst_latents):
         only_b[b] = 1
         F1 = F1 + only_b * (F1_masked - F1)
         x2 = F1 @ dst.W_dec + dst.b_dec + eps1
-        x3 = blocks[2](x2)
-        F2, eps2 = dense_site(last, None, x3)
-        logits = model.unembed(F2 @ last.W_dec + last.b_dec + eps2)
+        # The last site's spliced output is x3 in value, and its gradient goes straight to x3.
+        logits = model.unembed(blocks[2](x2))
         grads = torch.autograd.grad(metric(logits).sum(), [mask, error_mask])
         rows.append(grads[0])
         error_rows.append(grads[1])
@@ -402,6 +430,8 @@ def test_bad_input_names_the_argument(toy):
         attribute(model, sites, clean, patched, logit_difference, reduce="max")
     with pytest.raises(ValueError, match="edges"):
         attribute(model, sites, clean, patched, logit_difference, edges="all")
+    with pytest.raises(ValueError, match="gradient"):
+        attribute(model, sites, clean, patched, logit_difference, gradient="through")
     with pytest.raises(TypeError, match="sites"):
         attribute(model, {"blocks.0": nn.Linear(D, D)}, clean, patched, logit_difference)
     with pytest.raises(TypeError, match="metric"):

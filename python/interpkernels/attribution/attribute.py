@@ -9,7 +9,7 @@
 Scores are first-order estimates of ``metric(patched) - metric(clean)`` when a
 node takes its patched value (Nanda 2023; Kramar et al. 2024; Marks et al.
 2024). With g = dm/dx the gradient at a site's spliced activation
-``x = x_hat(f) + eps`` (eps detached, see :mod:`.sites`):
+``x = x_hat(f) + eps`` (see :mod:`.sites`):
 
 - AtP: g at the clean run, all sites spliced, one backward for every site.
 - IG: per site, g averaged over the S runs in which that site's activation is
@@ -17,6 +17,15 @@ node takes its patched value (Nanda 2023; Kramar et al. 2024; Marks et al.
   spliced). The decoder is linear, so the latent score
   ``sum_s df_i (W_dec[i] . g_s) / S`` equals ``df_i (W_dec[i] . mean_s g_s)``:
   average in d, project once.
+
+By default (``gradient="straight_through"``, as feature-circuits) g reaches a
+site from the real model downstream, straight through the coders of later
+sites: a site's scores estimate the real model's response to patching it and
+do not depend on which other sites are hooked (IG's latent and error scores
+then add up to the real patching effect, up to the Riemann sum's error).
+``gradient="through_coders"`` lets g flow back through the later sites'
+encoders instead (their errors frozen): attribution in the model whose later
+sites are replaced by their coders.
 """
 
 from __future__ import annotations
@@ -89,7 +98,7 @@ def node_scores(clean: s.SiteCode, patched: s.SiteCode, grad: torch.Tensor, W_de
     return NodeScores(latents, reduce_error(error, reduce))
 
 
-def check_options(method: str, steps: int, reduce: str, edges: str | None) -> None:
+def check_options(method: str, steps: int, reduce: str, edges: str | None, gradient: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -98,6 +107,8 @@ def check_options(method: str, steps: int, reduce: str, edges: str | None) -> No
         raise ValueError(f"reduce: expected one of {REDUCTIONS}, got {reduce!r}")
     if edges not in EDGE_MODES:
         raise ValueError(f"edges: expected one of {EDGE_MODES}, got {edges!r}")
+    if gradient not in s.GRADIENTS:
+        raise ValueError(f"gradient: expected one of {s.GRADIENTS}, got {gradient!r}")
 
 
 def check_patched(clean: Mapping[str, s.SiteCode], patched: Mapping[str, s.SiteCode]) -> None:
@@ -110,13 +121,13 @@ def check_patched(clean: Mapping[str, s.SiteCode], patched: Mapping[str, s.SiteC
 
 def integrated_gradient(model: nn.Module, modules, coders, clean_inputs: object, name: str,
                         clean_act: torch.Tensor, patched_act: torch.Tensor,
-                        metric: Callable[[object], torch.Tensor], steps: int) -> torch.Tensor:
+                        metric: Callable[[object], torch.Tensor], steps: int, gradient: str) -> torch.Tensor:
     """Mean over alpha = 0, 1/S, ..., (S-1)/S of dm/dx at site `name` with x = x_c + alpha (x_p - x_c)."""
     total = torch.zeros_like(clean_act)
     delta = patched_act - clean_act
     for step in range(steps):
         interpolated = (clean_act + (step / steps) * delta).requires_grad_()
-        output, _ = s.spliced_run(model, modules, coders, clean_inputs, fixed={name: interpolated})
+        output, _ = s.spliced_run(model, modules, coders, clean_inputs, fixed={name: interpolated}, gradient=gradient)
         (grad,) = torch.autograd.grad(scalar_metric(metric, output), interpolated)
         total += grad
     return total / steps
@@ -137,6 +148,7 @@ def attribute(
     edge_batch_size: int = 32,
     top_k: int | None = None,
     threshold: float | None = None,
+    gradient: str = "straight_through",
 ) -> AttributionResult:
     """Node (and optionally edge) attribution scores of every site's latents and error.
 
@@ -150,6 +162,10 @@ def attribute(
     reduce: "none" (sparse COO [..., M] per token), "sum" or "mean_abs" over
     tokens (dense [M]); the error scores are reduced alike.
 
+    gradient: how gradients cross the sites downstream of a site (module
+    docstring): "straight_through" (the real model's gradients) or
+    "through_coders" (through the later sites' encoders, errors frozen).
+
     edges: between consecutive sites (in the order the forward pass runs them),
     from the AtP gradients:
 
@@ -162,10 +178,10 @@ def attribute(
       :func:`interpkernels.feature_edges`, pruned per token by ``top_k`` /
       ``threshold``.
     """
-    check_options(method, steps, reduce, edges)
+    check_options(method, steps, reduce, edges, gradient)
     modules = s.resolve_sites(model, sites)
     patched_output, patched_codes = s.record_codes(model, modules, sites, patched)
-    output, clean_codes = s.spliced_run(model, modules, sites, clean)
+    output, clean_codes = s.spliced_run(model, modules, sites, clean, gradient=gradient)
     check_patched(clean_codes, patched_codes)
     metric_value = scalar_metric(metric, output)
     names = list(clean_codes)  # in the order the forward pass ran them
@@ -184,7 +200,7 @@ def attribute(
         grad = site_grads[name]
         if method == "ig":
             grad = integrated_gradient(model, modules, sites, clean, name, clean_codes[name].spliced.detach(),
-                                       patched_codes[name].spliced, metric, steps)
+                                       patched_codes[name].spliced, metric, steps, gradient)
         result.nodes[name] = node_scores(clean_codes[name], patched_codes[name], grad,
                                          s.decoder_weight(sites[name]), reduce)
 

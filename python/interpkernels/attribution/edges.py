@@ -95,7 +95,7 @@ def full_edges(src_clean: SiteCode, src_patched: SiteCode, W_dec_src: torch.Tens
         batch = chosen[start:start + batch_size]
         selector = dst_clean.indices.unsqueeze(0) == batch.view(-1, *[1] * dst_clean.indices.dim())
         grad_outputs = torch.where(selector, dst_value_grad.unsqueeze(0), 0)
-        (h,) = torch.autograd.grad(dst_clean.values, src_clean.spliced, grad_outputs, retain_graph=True,
+        (h,) = torch.autograd.grad(dst_clean.encoded, src_clean.spliced, grad_outputs, retain_graph=True,
                                    is_grads_batched=True, allow_unused=True, materialize_grads=True)
         expand = (len(batch), *[-1] * (lead + 1))
         latents = latent_attribution(

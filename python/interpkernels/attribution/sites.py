@@ -2,9 +2,20 @@
 
 A *site* is a submodule (named as in ``model.named_modules()``) with a sparse
 coder attached. An SAE encodes the submodule's output x and a transcoder its
-input; either way the output is replaced by ``x_hat(f) + eps`` where
-``eps = x - x_hat(f)`` is detached, so the forward values are unchanged (up to
-rounding) while gradients reach the model upstream only through the code f.
+input; either way the output is written as ``x_hat(f) + eps`` with
+``eps = x - x_hat(f)`` detached, so the forward values are the model's while
+the backward pass sees the code f. What reaches the model *upstream* of a
+site depends on ``gradient`` (:data:`GRADIENTS`):
+
+- ``"straight_through"`` (default; feature-circuits' ``x.grad = x_recon.grad``):
+  the site's output is ``x + (x_hat(f) - x_hat(f).detach())``. Its gradient g
+  reaches f (``dm/df = W_dec g``) and passes unchanged to the submodule's real
+  output, so upstream gradients are the real model's, whichever other sites
+  are hooked.
+- ``"through_coders"``: the output is ``x_hat(f(x)) + eps``, so upstream
+  gradients flow only through the coder's encoder Jacobian (rank k for TopK):
+  the gradients of the model with every downstream site replaced by its coder
+  and a frozen error, a different quantity from the real model's response.
 
 Coders are duck-typed: ``encode(x)`` returning ``(values, indices, ...)``
 (interpkernels.nn modules; sparsify's ``EncoderOutput`` after
@@ -29,15 +40,21 @@ from interpkernels.activations import call_model, output_tensor
 from interpkernels.nn import Transcoder
 
 
+GRADIENTS = ("straight_through", "through_coders")
+
+
 @dataclass
 class SiteCode:
     """What one forward pass saw at a site."""
 
-    values: torch.Tensor  # [..., k] the sparse code of `read`
+    values: torch.Tensor  # [..., k] the code x_hat is decoded from (dm/dvalues = W_dec g)
     indices: torch.Tensor  # [..., k]
     error: torch.Tensor  # [..., d] eps = x - x_hat, detached
     read: torch.Tensor  # [..., d_in] what the coder encoded (the output, or a transcoder's input)
-    spliced: torch.Tensor | None = None  # [..., d] the tensor downstream layers saw (x_hat + eps when spliced)
+    # [..., k] the encoder's output, a function of everything upstream (edges differentiate it);
+    # the same tensor as `values` with gradient="through_coders".
+    encoded: torch.Tensor | None = None
+    spliced: torch.Tensor | None = None  # [..., d] the tensor downstream layers saw (the output, as spliced)
 
 
 def reads_input(coder: nn.Module) -> bool:
@@ -100,18 +117,23 @@ def check_width(name: str, coder: nn.Module, read: torch.Tensor, written: torch.
                          f"width {written.shape[-1]}")
 
 
-def code_at(name: str, coder: nn.Module, args: tuple, output: object) -> tuple[SiteCode, torch.Tensor]:
-    """Encode at a site; returns the record and x_hat (attached to the code's graph)."""
+def code_at(name: str, coder: nn.Module, args: tuple, output: object, gradient: str = "straight_through"
+            ) -> tuple[SiteCode, torch.Tensor]:
+    """Encode at a site; returns the record and the spliced output (see the module's docstring)."""
     written = output_tensor(name, output)
     read = args[0] if reads_input(coder) else written
     check_width(name, coder, read, written)
-    values, indices = encode(coder, read)
-    if not values.requires_grad and torch.is_grad_enabled():
-        # Nothing upstream needs gradients (a frozen model): the code still must.
-        values = values.detach().requires_grad_()
-    x_hat = reconstruct(coder, read, values, indices)
+    encoded, indices = encode(coder, read)
+    straight_through = gradient == "straight_through"
+    values = encoded
+    if torch.is_grad_enabled() and (straight_through or not encoded.requires_grad):
+        # A leaf of its own: straight through, x_hat must not lead back to the
+        # encoder; through the coders of a frozen model, the code still needs gradients.
+        values = encoded.detach().requires_grad_()
+    x_hat = reconstruct(coder, read.detach() if straight_through else read, values, indices)
     error = (written - x_hat).detach()
-    return SiteCode(values, indices, error, read), x_hat
+    spliced = written + (x_hat - x_hat.detach()) if straight_through else x_hat + error
+    return SiteCode(values, indices, error, read, encoded, spliced), spliced
 
 
 Hook = Callable[[str, nn.Module, nn.Module, tuple, object], object]
@@ -148,8 +170,9 @@ def require_all_ran(modules: Mapping[str, nn.Module], codes: Mapping[str, SiteCo
 
 
 def spliced_run(model: nn.Module, modules: Mapping[str, nn.Module], coders: Mapping[str, nn.Module],
-                inputs: object, fixed: Mapping[str, torch.Tensor] | None = None) -> tuple[object, dict[str, SiteCode]]:
-    """Forward pass with every site's output replaced by ``x_hat(f) + eps``.
+                inputs: object, fixed: Mapping[str, torch.Tensor] | None = None,
+                gradient: str = "straight_through") -> tuple[object, dict[str, SiteCode]]:
+    """Forward pass with every site's output spliced as ``gradient`` says (module docstring).
 
     ``fixed[name]`` (optional) replaces that site's output by the given tensor
     instead (integrated gradients: an interpolated activation); its record then
@@ -164,12 +187,10 @@ def spliced_run(model: nn.Module, modules: Mapping[str, nn.Module], coders: Mapp
             if fixed[name].shape != written.shape:
                 raise ValueError(f"sites[{name!r}]: the patched run's activation has shape {list(fixed[name].shape)}, "
                                  f"the clean run's {list(written.shape)}")
-            codes[name] = SiteCode(None, None, None, None, fixed[name])
+            codes[name] = SiteCode(None, None, None, None, spliced=fixed[name])
             return replace_output(output, fixed[name])
-        code, x_hat = code_at(name, coder, args, output)
-        code.spliced = x_hat + code.error
-        codes[name] = code
-        return replace_output(output, code.spliced)
+        codes[name], spliced = code_at(name, coder, args, output, gradient)
+        return replace_output(output, spliced)
 
     with torch.enable_grad(), hooked(modules, coders, hook):
         output = call_model(model, inputs)
