@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 import interpkernels
-from interpkernels.integrations import (
+from interpkernels.integrations._patching import (
     Patcher,
     code_of,
     default_options,

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 import interpkernels
-from interpkernels.integrations import (
+from interpkernels.integrations._patching import (
     Patcher,
     code_of,
     default_options,

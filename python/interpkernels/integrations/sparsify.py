@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 import interpkernels
-from interpkernels.integrations import (
+from interpkernels.integrations._patching import (
     Patcher,
     autocast_disabled,
     default_options,
