@@ -64,19 +64,16 @@ def component_attribution(
     square (a component spans every layer); summing one call per layer would
     square each layer's term apart, which is not APD's attribution.
     """
-    if isinstance(h, torch.Tensor):
-        names = {"h": ["h"], "U": ["U"], "G": ["G"]}
-        hs, Us, Gs = [h], [U], [G]
-    else:
-        hs, Us, Gs = _layer_sequences(h, U, G)
-        names = {name: [f"{name}[{l}]" for l in range(len(hs))] for name in ("h", "U", "G")}
+    layered = not isinstance(h, torch.Tensor)
+    hs, Us, Gs = _layer_sequences(h, U, G) if layered else ([h], [U], [G])
+    L = len(hs)
+    # Error messages name an argument, or its entry for one layer.
+    names = {key: [f"{key}[{l}]" if layered else key for l in range(L)] for key in ("h", "U", "G")}
     leading, C, O = _check_layers(hs, Us, Gs, names)
     device = hs[0].device
     tensors = v.autocast_inputs(device, *hs, *Us, *Gs)
-    L = len(hs)
     hs, Us, Gs = list(tensors[:L]), list(tensors[L:2 * L]), list(tensors[2 * L:])
-    v.require_same_dtype(names["h"][0], hs[0], **{name: t for key, layer_tensors in (("h", hs), ("U", Us), ("G", Gs))
-                                                  for name, t in zip(names[key], layer_tensors)})
+    v.require_same_dtype(names["h"][0], hs[0], **dict(zip(names["h"] + names["U"] + names["G"], tensors)))
     backend = resolve("component_attribution", backend, device)
     if backend == "torch":
         return reference.component_attribution(hs, Us, Gs)
@@ -130,7 +127,7 @@ def _check_layers(hs, Us, Gs, names) -> tuple[torch.Size, int, int]:
             raise ValueError(f"{G_name}: expected shape [..., O, d] = [{', '.join(map(str, leading))}, {expected_O}, "
                              f"{d}] (leading dims of {h_name}, d of {U_name}), got {v.describe(G)}")
         O = G.shape[-2]
-        v.require_same_device(h_name, h, **{U_name: U, G_name: G})
+        v.require_same_device(names["h"][0], hs[0], **{h_name: h, U_name: U, G_name: G})
     return leading, C, O
 
 
