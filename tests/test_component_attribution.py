@@ -160,6 +160,19 @@ def test_repeatable_run_to_run():
             torch.testing.assert_close(first, reference.component_attribution(h, U, G), rtol=2e-5, atol=0)
 
 
+def test_projection_tiles_sum_the_layers_of_every_tile():
+    """The CPU projection path over two layers with several tiles of tokens (204 per tile at
+    O = 5; the last one partial) and of components (682 per tile at rank 3), against the dense
+    formula in float64."""
+    generator = torch.Generator().manual_seed(2)
+    h = [torch.randn(410, 1500, 3, generator=generator), torch.randn(410, 1500, generator=generator)]
+    U = [torch.randn(1500, 3, 16, generator=generator), torch.randn(1500, 20, generator=generator)]
+    G = [torch.randn(410, 5, 16, generator=generator), torch.randn(410, 5, 20, generator=generator)]
+    out = interpkernels.component_attribution(h, U, G, backend="cpu")
+    oracle = reference.component_attribution(*([t.double() for t in tensors] for tensors in (h, U, G)))
+    assert_matches_oracle(out, oracle)
+
+
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_gradcheck_float64(m, backend):
