@@ -180,15 +180,26 @@ int64_t check_grouped_transpose_matmul_args(const at::Tensor& values, const at::
   return num_latents;
 }
 
-void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G) {
-  TORCH_CHECK_VALUE(h.dim() == 3 && B.dim() == 3 && G.dim() == 3 && B.size(0) == h.size(1) && B.size(1) == h.size(2) &&
-                        G.size(0) == h.size(0) && G.size(2) == B.size(2),
-                    "component_attribution: expected h [N, C, m], B [C, m, d], G [N, O, d], got ", h.sizes(), ", ",
-                    B.sizes(), ", ", G.sizes());
-  check_same_dtype(h, B, "B");
-  check_same_dtype(h, G, "G");
-  check_on_device(B, h.device(), "B");
-  check_on_device(G, h.device(), "G");
+void check_component_attribution_args(at::TensorList h, at::TensorList B, at::TensorList G) {
+  TORCH_CHECK_VALUE(!h.empty() && B.size() == h.size() && G.size() == h.size(),
+                    "component_attribution: expected one h, B and G per layer (at least one layer), got ", h.size(),
+                    ", ", B.size(), " and ", G.size(), " tensors");
+  for (size_t l = 0; l < h.size(); ++l) {
+    // Every layer shares the tokens N, the components C and the outputs O; m and d are its own.
+    TORCH_CHECK_VALUE(h[l].dim() == 3 && B[l].dim() == 3 && G[l].dim() == 3 && h[l].size(0) == h[0].size(0) &&
+                          h[l].size(1) == h[0].size(1) && G[l].size(1) == G[0].size(1) &&
+                          B[l].size(0) == h[l].size(1) && B[l].size(1) == h[l].size(2) &&
+                          G[l].size(0) == h[l].size(0) && G[l].size(2) == B[l].size(2),
+                      "component_attribution: expected h [N, C, m], B [C, m, d], G [N, O, d] per layer (N, C, O "
+                      "shared), got for layer ", l, ": ", h[l].sizes(), ", ", B[l].sizes(), ", ", G[l].sizes(),
+                      " (layer 0: ", h[0].sizes(), ", ", G[0].sizes(), ")");
+    check_same_dtype(h[0], h[l], "h");
+    check_same_dtype(h[0], B[l], "B");
+    check_same_dtype(h[0], G[l], "G");
+    check_on_device(h[l], h[0].device(), "h");
+    check_on_device(B[l], h[0].device(), "B");
+    check_on_device(G[l], h[0].device(), "G");
+  }
 }
 
 void check_masked_component_forward_args(const at::Tensor& x, const at::Tensor& h, const at::Tensor& mask,

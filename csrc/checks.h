@@ -58,8 +58,9 @@ void check_latent_grouping_args(const at::Tensor& indices, int64_t num_latents);
 int64_t check_grouped_transpose_matmul_args(const at::Tensor& values, const at::Tensor& indices,
                                             const at::Tensor& dense, const at::Tensor& grouping);
 
-// component_attribution's h [N, C, m], B [C, m, d], G [N, O, d]: one dtype, one device.
-void check_component_attribution_args(const at::Tensor& h, const at::Tensor& B, const at::Tensor& G);
+// component_attribution's layers, each h [N, C, m_l], B [C, m_l, d_l], G [N, O, d_l]
+// (N, C, O shared): at least one, one dtype, one device.
+void check_component_attribution_args(at::TensorList h, at::TensorList B, at::TensorList G);
 
 // masked_component_forward's x [N, d_in], h and mask [N, C], U [C, d_out], W_delta
 // [d_out, d_in], delta_mask [N], bias [d_out]: one dtype, one device.

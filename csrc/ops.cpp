@@ -43,10 +43,12 @@ TORCH_LIBRARY(interpkernels, m) {
   m.def("fvu(Tensor reconstruction, Tensor target) -> (Tensor fvu, Tensor total_variance)");
 
   // ---- Parameter decomposition (APD / SPD), SPEC section 5 ----
-  // out [N, C] = sum_o (sum_r h[n,c,r] * (B[c,r] . G[n,o]))^2 for component
-  // activations h [N, C, m], components B [C, m, d] and output-Jacobian rows
-  // G [N, O, d]; rank 1 is m = 1.
-  m.def("component_attribution(Tensor h, Tensor B, Tensor G) -> Tensor");
+  // out [N, C] = sum_o (sum_l sum_r h_l[n,c,r] * (B_l[c,r] . G_l[n,o]))^2 over the
+  // layers l of the lists, each with component activations h_l [N, C, m_l],
+  // components B_l [C, m_l, d_l] and output-Jacobian rows G_l [N, O, d_l]: a
+  // component spans every layer, so its layers add before the square (APD).
+  // Rank 1 is m_l = 1; one layer is a list of one.
+  m.def("component_attribution(Tensor[] h, Tensor[] B, Tensor[] G) -> Tensor");
   // out [N, d_out] = (h * mask) @ U + delta_mask[:, None] * (x @ W_delta^T) + bias for
   // x [N, d_in], h and mask [N, C], U [C, d_out], W_delta [d_out, d_in], delta_mask [N]:
   // SPD's masked forward (delta_mask without W_delta is refused).

@@ -261,6 +261,21 @@ def test_probe_estimate_is_unbiased_for_the_attributions():
     torch.testing.assert_close(estimate, exact, rtol=0.12, atol=0)
 
 
+def test_probe_estimate_is_unbiased_for_the_attributions_over_two_layers():
+    """The probes are shared by the layers of one call, so the estimate of
+    sum_o (sum_l G_l[n, o] . w_l)^2 stays unbiased."""
+    first, second = small_model(d=4, O=40)
+    x = torch.randn(3, 3)
+    y1 = (x @ first.T).requires_grad_()
+    y2 = torch.tanh(y1) @ torch.randn(4, 4) / 2
+    out = torch.tanh(y2) @ second.T
+    h, U = [torch.randn(3, 5), torch.randn(3, 5)], [torch.randn(5, 4), torch.randn(5, 4)]
+    exact = interpkernels.component_attribution(h, U, output_jacobian_rows(out, [y1, y2]))
+    probes = output_jacobian_rows(out, [y1, y2], probes=4000, generator=torch.Generator().manual_seed(0))
+    # relative standard deviation <= sqrt(2 / P) = 0.022 per entry: 5 sigma
+    torch.testing.assert_close(interpkernels.component_attribution(h, U, probes), exact, rtol=0.12, atol=0)
+
+
 def test_layer_components_forward_modes_agree_with_the_target():
     target = nn.Linear(6, 4)
     layer = LinearComponents(target, 3, generator=torch.Generator().manual_seed(1))
@@ -280,8 +295,12 @@ def test_layer_components_forward_modes_agree_with_the_target():
 # ---- the APD step ----
 
 
-def test_apd_attributions_through_two_layers_match_one_backward_per_output():
-    """Each layer's G sees the outputs through the layers after it (APD's loop, in float64)."""
+def test_apd_attributions_through_two_layers_match_apds_calc_grad_attributions():
+    """APD's loop (ApolloResearch/apd spd/utils.py::calc_grad_attributions, commit 4e29d43,
+    lines 159-231), in float64: component_acts from each layer's detached input and component
+    weights; per output, one backward of its sum over tokens to every layer's output (each
+    layer's G sees the outputs through the layers after it), the layers' terms added, then
+    squared: a component spans both layers."""
     from interpkernels.decomposition import apd_attributions
 
     torch.manual_seed(3)
@@ -290,16 +309,21 @@ def test_apd_attributions_through_two_layers_match_one_backward_per_output():
     layers = {name: LinearComponents(model.get_submodule(name), 6, generator=generator) for name in ("0", "2")}
     x = torch.randn(7, 4, dtype=torch.float64)
     attributions, target_out = apd_attributions(model, layers, x)
-    # the oracle: the target run by hand, one backward per output, both layers' terms added
-    y0 = model[0](x).requires_grad_()
-    y2 = model[2](torch.tanh(y0))
-    out = y2
+    # the target run by hand with its post-weight activations kept
+    post_weight_acts = {"0": model[0](x).requires_grad_()}
+    pre_weight_acts = {"0": x, "2": torch.tanh(post_weight_acts["0"])}
+    post_weight_acts["2"] = model[2](pre_weight_acts["2"])
+    component_acts = {name: torch.einsum("ni,coi->nco", pre_weight_acts[name].detach(),
+                                         layers[name].component_weights().detach())
+                      for name in layers}
     expected = torch.zeros(7, 6, dtype=torch.float64)
     for o in range(5):
-        g0, g2 = torch.autograd.grad(out[:, o].sum(), [y0, y2], retain_graph=True)
-        for layer, layer_input, g in ((layers["0"], x, g0), (layers["2"], torch.tanh(y0).detach(), g2)):
-            h = layer.component_acts(layer_input).detach()
-            expected += (h * (g @ layer.U.detach().T)).square()
+        grads = torch.autograd.grad(post_weight_acts["2"][:, o].sum(), list(post_weight_acts.values()),
+                                    retain_graph=True)
+        feature_attributions = torch.zeros(7, 6, dtype=torch.float64)
+        for name, grad in zip(post_weight_acts, grads):
+            feature_attributions += torch.einsum("nd,ncd->nc", grad, component_acts[name])
+        expected += feature_attributions**2
     torch.testing.assert_close(attributions, expected)
     torch.testing.assert_close(target_out, model(x))
 

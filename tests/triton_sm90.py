@@ -57,7 +57,8 @@ def tile_shapes(k_pad: int, sixteen_bit: bool) -> list[triton.Config]:
 def component_attribution_kernel(dtype: str) -> None:
     """The launcher's largest blocks (triton_kernels/component_attribution.py)."""
     pointer = f"*{dtype}"
-    types = dict(h_ptr=pointer, b_ptr=pointer, g_ptr=pointer, out_ptr=pointer, C="i32", m="i32", O="i32", d="i32",
+    types = dict(h_ptr=pointer, b_ptr=pointer, g_ptr=pointer, column_start_ptr="*i32", width_ptr="*i32",
+                 out_ptr=pointer, C="i32", M="i32", O="i32",
                  **{f"stride_{name}": "i32" for name in ("hn", "hc", "hr", "bc", "br", "bd", "gn", "go", "gd")})
     constants = dict(BLOCK_C=64, BLOCK_O=64, BLOCK_D=64, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     compile_for_hopper(components._component_attribution_kernel, types, constants)

@@ -8,6 +8,8 @@ full pre-activation matrix, the decoder scatters the code into a dense
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -139,18 +141,26 @@ def fvu(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---- Parameter decomposition (APD / SPD), SPEC section 5 ----
 
 
-def component_attribution(h: torch.Tensor, U: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+def component_attribution(h: torch.Tensor | Sequence[torch.Tensor], U: torch.Tensor | Sequence[torch.Tensor],
+                          G: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """APD's attribution of each token's output to each component, [..., C]:
 
         rank 1  (h [..., C],    U [C, d]):    A[n, c] = sum_o (h[n,c] * (U[c] . G[n,o]))^2
         rank m  (h [..., C, m], B [C, m, d]): A[n, c] = sum_o (sum_r h[n,c,r] * (B[c,r] . G[n,o]))^2
 
     with G [..., O, d] the output-Jacobian rows at the layer (G[n, o] = d f_o / d y[n]).
-    Materializes every projection, [..., O, C, m]."""
-    B = U.unsqueeze(1) if U.dim() == 2 else U
-    h = h.unsqueeze(-1) if U.dim() == 2 else h
-    projections = torch.einsum("...od,crd->...ocr", G, B)
-    return (projections * h.unsqueeze(-3)).sum(-1).square().sum(-2)
+    Sequences of h, U, G (one entry per decomposed layer l) sum the layers' terms inside the
+    square, A[n, c] = sum_o (sum_l sum_r h_l[n,c,r] (B_l[c,r] . G_l[n,o]))^2: a component
+    spans every layer. Materializes every projection, [..., O, C, m]."""
+    if isinstance(h, torch.Tensor):
+        h, U, G = [h], [U], [G]
+    inner = 0
+    for h_layer, U_layer, G_layer in zip(h, U, G, strict=True):
+        B = U_layer.unsqueeze(1) if U_layer.dim() == 2 else U_layer
+        h_layer = h_layer.unsqueeze(-1) if U_layer.dim() == 2 else h_layer
+        projections = torch.einsum("...od,crd->...ocr", G_layer, B)
+        inner = inner + (projections * h_layer.unsqueeze(-3)).sum(-1)
+    return inner.square().sum(-2)
 
 
 def masked_component_forward(x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, U: torch.Tensor,

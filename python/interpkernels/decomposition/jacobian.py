@@ -18,6 +18,9 @@ independent of O and C:
           eigenvalues of G[n] w w^T G[n]^T (a chi-square with P dof when
           G[n] w points one way). P, not O, sets the cost: for large O (a
           vocabulary), P = 32 to 128 ranks components well enough for a top-k.
+          The directions are shared by every layer of the call, so the
+          estimate stays unbiased for the attribution over several layers,
+          ||sum_l G_l[n] w_l||^2 (component_attribution with lists).
 """
 
 from __future__ import annotations

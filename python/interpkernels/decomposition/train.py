@@ -5,7 +5,8 @@ whatever the numbers of outputs O and components C:
   1. the target runs once; hooks capture each decomposed layer's input x_l and
      make its output y_l a leaf, and output_jacobian_rows takes G_l for every
      layer in one batched backward (or P random probes: ``probes``);
-  2. attributions A[n, c] = sum_l component_attribution(h_l, U_l, G_l);
+  2. attributions A[n, c] = sum_o (sum_l s_l[n,o,c])^2, s_l the layer's term: one
+     component_attribution call over the lists of every layer's h_l, U_l, G_l;
   3. the top-k (per token) or batch top-k components by A are selected;
   4. the model runs again with every decomposed layer replaced by its selected
      components (topk_forward: sparse_decode on gathered h);
@@ -75,7 +76,7 @@ class TrainingLog(Progress):
 def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: torch.Tensor, *,
                      probes: int | None = None, generator: torch.Generator | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-2: ``(attributions [..., C] summed over the layers, the target's outputs)`` for batch x."""
+    """Steps 1-2: ``(attributions [..., C] over all the layers, the target's outputs)`` for batch x."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def capture(name):
@@ -92,9 +93,9 @@ def apd_attributions(model: nn.Module, layers: dict[str, LinearComponents], x: t
     rows = output_jacobian_rows(target_out, [captured[name][1] for name in layers], probes=probes,
                                 generator=generator, retain_graph=False)
     with torch.no_grad():
-        attributions = sum(
-            component_attribution(layer.component_acts(captured[name][0]), layer.U, G)
-            for (name, layer), G in zip(layers.items(), rows))
+        # One call over every layer: a component spans them all, so its layers add before the square.
+        activations = [layer.component_acts(captured[name][0]) for name, layer in layers.items()]
+        attributions = component_attribution(activations, [layer.U for layer in layers.values()], rows)
     return attributions, target_out.detach()
 
 

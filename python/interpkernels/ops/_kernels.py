@@ -110,7 +110,7 @@ def _fvu_triton(reconstruction, target):
 
 
 def _component_attribution_triton(h, B, G):
-    _check_triton_dtype(h)
+    _check_triton_dtype(h[0])
     return _triton_kernels().component_attribution(h, B, G)
 
 
