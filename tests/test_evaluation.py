@@ -327,6 +327,16 @@ def test_cross_layer_transcoder_is_one_replacement_model(model):
     assert report.fired.shape == (3, M) and 0 < report.dead_fraction < 1
 
 
+def test_an_sae_and_a_cross_layer_transcoder_on_one_mlp(model):
+    """The SAE reads the MLP's output although the transcoder reads its input."""
+    names = ("blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp")
+    clt = perturb_(CrossLayerTranscoder(3, D, M, K, seed=5).double(), 5)
+    sae = make_coder("topk")
+    batches = token_batches()
+    both = evaluate(model, {names: clt, "blocks.1.mlp": sae}, batches, progress=False)
+    assert_report_matches(both["blocks.1.mlp"], hand_evaluation(model, "blocks.1.mlp", sae, batches))
+
+
 def test_cross_layer_transcoder_fvu_is_its_training_fvu(model):
     """One batch: fvu is CrossLayerTranscoder.forward's on the clean activations."""
     names = ("blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp")

@@ -255,7 +255,8 @@ class Site:
         self.reconstruction: torch.Tensor | None = None
 
     def measure(self, captured: Mapping[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None) -> None:
-        read, written = captured[self.key]
+        written = captured[self.key][1]
+        read = input_of(self.key, self.key, captured) if reads_input(self.coder) else written
         x_hat, active, fired = encode_and_reconstruct(self.coder, rows_of(self.key, read, mask))
         x = rows_of(self.key, written, mask)
         if x_hat.shape != x.shape:
@@ -281,7 +282,7 @@ class CrossLayerSite:
 
     def measure(self, captured: Mapping[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None) -> None:
         dtype = coder_dtype(self.coder, torch.float32)
-        inputs = [rows_of(name, captured[name][0], mask).to(dtype) for name in self.names]
+        inputs = [rows_of(name, input_of(self.key, name, captured), mask).to(dtype) for name in self.names]
         codes = self.coder.encode(inputs)
         for layer, (name, x_hat) in enumerate(zip(self.names, self.coder.decode(codes))):
             self.statistics.add(layer, rows_of(name, captured[name][1], mask), x_hat)
@@ -345,22 +346,22 @@ def build_sites(model: nn.Module, sites: Mapping) -> list[Site | CrossLayerSite]
 
 
 def capture_hooks(sites: list[Site | CrossLayerSite], captured: dict) -> dict:
-    """Hooks recording (what the coder reads, the output) at every site's submodules, on the clean pass."""
-    readers = {}
-    for site in sites:
-        for name in site.names:
-            readers[name] = readers.get(name, False) or isinstance(site, CrossLayerSite) or reads_input(site.coder)
+    """Hooks recording (first positional input or None, output) at every site's submodules, on the clean pass."""
 
     def capture(name, module, args, output):
         if name in captured:
             raise ValueError(f"sites: submodule {name!r} ran twice in one forward pass; its coder cannot be spliced "
                              "from one clean activation")
-        written = output_tensor(name, output)
-        if readers[name] and not args:
-            raise ValueError(f"sites: submodule {name!r} was called without a positional input for its transcoder")
-        captured[name] = (args[0] if readers[name] else written, written)
+        captured[name] = (args[0] if args else None, output_tensor(name, output))
 
-    return {name: (lambda m, a, o, name=name: capture(name, m, a, o)) for name in readers}
+    return {name: (lambda m, a, o, name=name: capture(name, m, a, o)) for site in sites for name in site.names}
+
+
+def input_of(key: object, name: str, captured: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor:
+    if captured[name][0] is None:
+        raise ValueError(f"sites[{key!r}]: submodule {name!r} was called without a positional input for its "
+                         "transcoder to read")
+    return captured[name][0]
 
 
 # ---------------------------------------------------------------------------
