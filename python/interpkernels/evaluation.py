@@ -240,10 +240,15 @@ def encode_and_reconstruct(coder: nn.Module, rows: torch.Tensor) -> tuple[torch.
         active = (code.to_dense() if code.is_sparse else code) != 0
         return coder.decode(code), active.sum(), active.any(0)
     values, indices = code[0], code[1]
+    return reconstruct(coder, rows, values, indices), *sparse_activity(values, indices, num_latents(coder))
+
+
+def sparse_activity(values: torch.Tensor, indices: torch.Tensor, latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nonzero entries of a sparse code, the latents [M] bool it fires); zero-valued slots fire nothing."""
     active = values != 0
-    fired = torch.zeros(num_latents(coder), dtype=torch.bool, device=values.device)
+    fired = torch.zeros(latents, dtype=torch.bool, device=values.device)
     fired[indices[active]] = True
-    return reconstruct(coder, rows, values, indices), active.sum(), fired
+    return active.sum(), fired
 
 
 class Site:
@@ -286,13 +291,9 @@ class CrossLayerSite:
         codes = self.coder.encode(inputs)
         for layer, (name, x_hat) in enumerate(zip(self.names, self.coder.decode(codes))):
             self.statistics.add(layer, rows_of(name, captured[name][1], mask), x_hat)
-        values = torch.stack([values for values, _ in codes])
-        indices = torch.stack([indices for _, indices in codes])
-        active = values != 0
-        fired = torch.zeros(len(self.names), self.coder.num_latents, dtype=torch.bool, device=values.device)
-        layers = torch.arange(len(self.names), device=values.device).view(-1, 1, 1).expand_as(indices)
-        fired[layers[active], indices[active]] = True
-        self.statistics.add_code(active.sum(), values.shape[0] * values.shape[1], fired)
+        active, fired = zip(*(sparse_activity(values, indices, self.coder.num_latents) for values, indices in codes))
+        # l0 per layer and token, as CrossLayerTranscoder.forward reports it.
+        self.statistics.add_code(sum(active), len(codes) * inputs[0].shape[0], torch.stack(fired))
 
     def splice_hooks(self, mask: torch.Tensor | None) -> dict:
         codes: list[tuple[torch.Tensor, torch.Tensor]] = []
