@@ -537,6 +537,9 @@ def test_bad_inputs_name_the_argument(model):
         evaluate(model, {"blocks.1": coder}, [b.double() for b in batches], progress=False)
     with pytest.raises(ValueError, match="batches"):
         evaluate(model, {"blocks.1": coder}, [], progress=False)
+    with pytest.raises(ValueError, match="batches"):
+        evaluate(model, {"blocks.1": coder}, [{"input_ids": batches[0], "attention_mask": 0 * batches[0]}],
+                 progress=False)
     clt = CrossLayerTranscoder(3, D, M, K, seed=5).double()
     with pytest.raises(ValueError, match="tuple"):
         evaluate(model, {"blocks.0.mlp": clt}, batches, progress=False)

@@ -194,7 +194,9 @@ class CoderStatistics:
         self.fired = fired if self.fired is None else self.fired | fired
 
     def fvu(self) -> float:
-        return float(self.squared_error) / float(sum(variance.sum_squares for variance in self.variances))
+        """nan where the activations do not vary (a single token)."""
+        variance = float(sum(variance.sum_squares for variance in self.variances))
+        return float(self.squared_error) / variance if variance else float("nan")
 
 
 # ---------------------------------------------------------------------------
@@ -395,7 +397,7 @@ class EvaluationProgress(Progress):
 
 
 class Losses:
-    """Losses and KL of one kind of pass (clean, or spliced / zero-ablated at a site)."""
+    """Loss and KL(clean || this pass) of the passes spliced (or zero-ablated) at one site."""
 
     def __init__(self) -> None:
         self.loss, self.kl = RunningMean(), RunningMean()
@@ -430,7 +432,7 @@ def evaluate(model: nn.Module, sites: Mapping, batches: Iterable, *, loss_fn=Non
             return next_token_loss(output, batch, mask)
         return torch.as_tensor(loss_fn(output, batch)).double(), 1
 
-    clean = Losses()
+    clean_loss = RunningMean()
     spliced = {site.key: Losses() for site in built}
     ablated = {site.key: Losses() for site in built}
     bar = EvaluationProgress(len(batches) if hasattr(batches, "__len__") else None, progress)
@@ -447,31 +449,33 @@ def evaluate(model: nn.Module, sites: Mapping, batches: Iterable, *, loss_fn=Non
                 if missing:
                     raise ValueError(f"sites: the forward pass never ran the submodules {missing}")
                 clean_logits = logits_of(output)
-                clean.add(loss_of(output, batch, mask), None, None, mask)
+                clean_loss.add(*loss_of(output, batch, mask))
                 for site in built:
                     site.measure(captured, mask)
                     for hooks, losses in ((site.splice_hooks(mask), spliced), (zero_hooks(site.names), ablated)):
                         with forward_hooks(model, hooks):
                             output = call_model(model, batch)
                         losses[site.key].add(loss_of(output, batch, mask), logits_of(output), clean_logits, mask)
-                bar.advance(int(mask.sum()) if mask is not None else captured[built[0].names[0]][1].shape[:-1].numel())
+                first_output = captured[built[0].names[0]][1]
+                bar.advance(int(mask.sum()) if mask is not None else first_output.shape[:-1].numel())
     finally:
         bar.close()
-    if clean.loss.count == 0:
+    if clean_loss.count == 0:
         raise ValueError("batches: yielded no batches")
-    return {site.key: report(site, clean, spliced[site.key], ablated[site.key]) for site in built}
+    return {site.key: report(site, clean_loss, spliced[site.key], ablated[site.key]) for site in built}
 
 
-def report(site: Site | CrossLayerSite, clean: Losses, spliced: Losses, ablated: Losses) -> SiteReport:
+def report(site: Site | CrossLayerSite, clean_loss: RunningMean, spliced: Losses, ablated: Losses) -> SiteReport:
     statistics = site.statistics
     if statistics.active.count == 0:
         raise ValueError("batches: yielded no tokens (every attention_mask entry is zero)")
-    loss_clean, loss_spliced, loss_zero = clean.loss.value(), spliced.loss.value(), ablated.loss.value()
+    loss_clean, loss_spliced, loss_zero = clean_loss.value(), spliced.loss.value(), ablated.loss.value()
     fvu = statistics.fvu()
     tokens = statistics.variances[0].rows
     return SiteReport(
         loss_clean=loss_clean, loss_spliced=loss_spliced, loss_zero_ablation=loss_zero,
-        loss_recovered=(loss_zero - loss_spliced) / (loss_zero - loss_clean) if loss_zero != loss_clean else float("nan"),
+        loss_recovered=(loss_zero - loss_spliced) / (loss_zero - loss_clean) if loss_zero != loss_clean
+        else float("nan"),
         kl_div=spliced.kl_value(), kl_div_zero_ablation=ablated.kl_value(),
         fvu=fvu, explained_variance=1 - fvu, l0=statistics.active.value(),
         dead_fraction=float((~statistics.fired).double().mean()), tokens=tokens, fired=statistics.fired.cpu())
