@@ -261,6 +261,26 @@ def test_padding_is_not_evaluated(model):
     assert padded["blocks.1"].tokens == sum(lengths)
 
 
+def test_a_padded_batch_of_a_hugging_face_gpt2():
+    """A random GPT-2 from transformers (output .logits, dict batches): padded = unpadded one by one."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=T, n_embd=D, n_layer=2, n_head=2)).double().eval()
+    coder = make_coder("topk")
+    lengths = [T, 5, 3]
+    ids = torch.randint(0, VOCAB, (len(lengths), T), generator=torch.Generator().manual_seed(9))
+    mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).long()
+    padded = evaluate(gpt2, {"transformer.h.0": coder}, [{"input_ids": ids, "attention_mask": mask}],
+                      progress=False)["transformer.h.0"]
+    one_by_one = evaluate(gpt2, {"transformer.h.0": coder}, [{"input_ids": row[None, :n]} for row, n in
+                                                             zip(ids, lengths)], progress=False)["transformer.h.0"]
+    assert_report_matches(padded, {field: getattr(one_by_one, field) for field in
+                                   ("loss_clean", "loss_spliced", "loss_zero_ablation", "kl_div", "fvu", "l0",
+                                    "dead_fraction", "tokens")})
+    assert padded.kl_div > 0
+
+
 def test_padding_does_not_compete_in_the_batch_top_k(model):
     """BatchTopK keeps the n*k largest over the batch's real tokens only."""
     coder = make_coder("batch_topk")
