@@ -448,8 +448,13 @@ class TokenStore:
         self.next = 0
 
 
+BOS, SEPARATOR = 0, 1
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_matches_saelens_run_evals_on_a_hooked_transformer():
+@pytest.mark.parametrize("excluded", [(), (BOS, SEPARATOR)], ids=["every-token", "special-tokens-excluded"])
+def test_matches_saelens_run_evals_on_a_hooked_transformer(excluded):
+    """SAELens' exclude_special_tokens=[ids] is exclude_tokens: neither spliced nor counted."""
     transformer_lens = pytest.importorskip("transformer_lens")
     pytest.importorskip("sae_lens")
     from sae_lens.evals import EvalConfig, run_evals
@@ -462,14 +467,17 @@ def test_matches_saelens_run_evals_on_a_hooked_transformer():
     site = "blocks.0.hook_resid_post"
     ours = make_coder("topk")
     batches = token_batches(sizes=(3, 3, 3))
+    for batch in batches:  # a BOS in front, separators inside (also as prediction targets)
+        batch[:, 0] = BOS
+        batch[:, 4] = SEPARATOR
     eval_config = EvalConfig(
         n_eval_reconstruction_batches=len(batches), n_eval_sparsity_variance_batches=len(batches), compute_kl=True,
         compute_ce_loss=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
         compute_featurewise_density_statistics=True)
     metrics, features = run_evals(saelens_coder(ours, site), TokenStore(batches), hooked, ActivationScaler(),
-                                  eval_config, exclude_special_tokens=False)
+                                  eval_config, exclude_special_tokens=list(excluded) or False)
 
-    report = evaluate(hooked, {site: ours}, batches, progress=False)[site]
+    report = evaluate(hooked, {site: ours}, batches, exclude_tokens=excluded, progress=False)[site]
     performance, behaviour = metrics["model_performance_preservation"], metrics["model_behavior_preservation"]
     assert_report_matches(report, dict(
         loss_clean=performance["ce_loss_without_sae"], loss_spliced=performance["ce_loss_with_sae"],
@@ -478,6 +486,8 @@ def test_matches_saelens_run_evals_on_a_hooked_transformer():
         explained_variance=metrics["reconstruction_quality"]["explained_variance"], l0=metrics["sparsity"]["l0"],
         dead_fraction=sum(density == 0 for density in features["feature_density"]) / M), rel=1e-7)
     assert 0 < report.dead_fraction < 1 and report.kl_div > 0
+    kept = ~torch.isin(torch.cat(batches), torch.tensor(excluded, dtype=torch.long))
+    assert report.tokens == kept.sum() and bool(kept.all()) == (not excluded)
 
 
 # ---------------------------------------------------------------------------

@@ -7,11 +7,12 @@ Every site is spliced *alone*: per batch, one clean forward pass, then per site
 one pass with that site's output replaced by the coder's reconstruction (no
 error term) and one with it replaced by zeros. Over all evaluated tokens
 (positions where the batch's ``attention_mask`` is nonzero, all positions
-without one):
+without one, less those whose id is in ``exclude_tokens``; only evaluated
+tokens are spliced):
 
 - ``loss_*``: the default loss is next-token cross-entropy averaged over the
-  predicted positions (position t predicts token t+1; both must be real
-  tokens), for a model whose output is logits ``[batch, seq, vocab]`` (or has
+  predicted positions (position t, evaluated, predicts token t+1, a real
+  token), for a model whose output is logits ``[batch, seq, vocab]`` (or has
   them as ``.logits`` / first element) and batches of token ids (a tensor, or
   a dict with ``input_ids``). With ``loss_fn(output, batch) -> scalar`` the
   losses are the mean of its values over the batches.
@@ -83,10 +84,19 @@ class SiteReport:
 
 
 def token_mask(batch: object) -> torch.Tensor | None:
-    """``attention_mask != 0`` of a dict batch, else None (every position counts)."""
+    """``attention_mask != 0`` of a dict batch, else None (every position is a real token)."""
     if isinstance(batch, Mapping) and "attention_mask" in batch:
         return batch["attention_mask"].bool()
     return None
+
+
+def evaluated_mask(batch: object, real: torch.Tensor | None, excluded: torch.Tensor | None) -> torch.Tensor | None:
+    """The real tokens whose id is not ``excluded`` (None: every position)."""
+    if excluded is None:
+        return real
+    ids = token_ids(batch, "exclude_tokens")
+    kept = ~torch.isin(ids, excluded.to(ids.device))
+    return kept if real is None else kept & real
 
 
 def logits_of(output: object) -> torch.Tensor | None:
@@ -102,17 +112,21 @@ def logits_of(output: object) -> torch.Tensor | None:
     return output if isinstance(output, torch.Tensor) else None
 
 
-def token_ids(batch: object) -> torch.Tensor:
+def token_ids(batch: object, needed_by: str = "loss_fn") -> torch.Tensor:
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 2:
-        raise TypeError("loss_fn: the default next-token loss needs batches of token ids [batch, seq] (a tensor or "
-                        "a dict with input_ids); pass loss_fn(output, batch) -> scalar for other batches")
+        remedy = ("pass loss_fn(output, batch) -> scalar for other batches" if needed_by == "loss_fn"
+                  else "mask such tokens out in the attention_mask instead")
+        raise TypeError(f"{needed_by}: needs batches of token ids [batch, seq] (a tensor or a dict with "
+                        f"input_ids); {remedy}")
     return ids
 
 
-def next_token_loss(output: object, batch: object, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+def next_token_loss(output: object, batch: object, real: torch.Tensor | None, evaluated: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, int]:
     """(sum, count) of the cross-entropy of token t+1 given positions <= t, over the
-    positions where both t and t+1 are real tokens."""
+    positions t that are evaluated and whose t+1 is a real token (SAELens masks
+    the predicting position only; padding is never a target)."""
     ids, logits = token_ids(batch), logits_of(output)
     if logits is None or logits.dim() != 3 or logits.shape[:2] != ids.shape:
         shape = None if logits is None else list(logits.shape)
@@ -120,9 +134,10 @@ def next_token_loss(output: object, batch: object, mask: torch.Tensor | None) ->
                          f"{list(ids.shape)}, the model returned {shape}; pass loss_fn(output, batch) -> scalar")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    if mask is None:
+    if evaluated is None:
         return per_token.double().sum(), per_token.numel()
-    predicted = (mask[:, :-1] & mask[:, 1:]).flatten()
+    predicted = evaluated[:, :-1] if real is None else evaluated[:, :-1] & real[:, 1:]
+    predicted = predicted.flatten()
     return per_token[predicted].double().sum(), int(predicted.sum())
 
 
@@ -413,13 +428,15 @@ class Losses:
 
 
 def evaluate(model: nn.Module, sites: Mapping, batches: Iterable, *, loss_fn=None,
-             progress: bool = True) -> dict:
+             exclude_tokens: Iterable[int] = (), progress: bool = True) -> dict:
     """Splice every site's coder alone into ``model`` over ``batches`` (each passed
     as interpkernels.activations.call_model does) and measure what survives
     (module docstring for the definitions). Returns ``{site key: SiteReport}``.
 
     ``loss_fn(output, batch) -> scalar``: the loss of one batch (default: the
-    next-token cross-entropy). Runs under ``torch.no_grad``; hooks are removed
+    next-token cross-entropy). ``exclude_tokens``: token ids (BOS, ...) neither
+    spliced nor evaluated, though the model still sees them (SAELens'
+    ``exclude_special_tokens``). Runs under ``torch.no_grad``; hooks are removed
     whatever happens. Shows progress on stderr (:class:`EvaluationProgress`;
     ``progress=False``: none).
     """
@@ -427,9 +444,14 @@ def evaluate(model: nn.Module, sites: Mapping, batches: Iterable, *, loss_fn=Non
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable (output, batch) -> scalar, got {type(loss_fn).__name__}")
 
-    def loss_of(output, batch, mask):
+    excluded_ids = list(exclude_tokens)
+    if not all(isinstance(token, int) for token in excluded_ids):
+        raise TypeError(f"exclude_tokens: expected token ids (int), got {excluded_ids}")
+    excluded = torch.tensor(excluded_ids, dtype=torch.long) if excluded_ids else None
+
+    def loss_of(output, batch, real, mask):
         if loss_fn is None:
-            return next_token_loss(output, batch, mask)
+            return next_token_loss(output, batch, real, mask)
         return torch.as_tensor(loss_fn(output, batch)).double(), 1
 
     clean_loss = RunningMean()
@@ -441,7 +463,8 @@ def evaluate(model: nn.Module, sites: Mapping, batches: Iterable, *, loss_fn=Non
             for batch in batches:
                 if loss_fn is None:
                     token_ids(batch)  # before any forward pass: batches the default loss cannot read
-                mask = token_mask(batch)
+                real = token_mask(batch)
+                mask = evaluated_mask(batch, real, excluded)
                 captured: dict = {}
                 with forward_hooks(model, capture_hooks(built, captured)):
                     output = call_model(model, batch)
@@ -449,13 +472,14 @@ def evaluate(model: nn.Module, sites: Mapping, batches: Iterable, *, loss_fn=Non
                 if missing:
                     raise ValueError(f"sites: the forward pass never ran the submodules {missing}")
                 clean_logits = logits_of(output)
-                clean_loss.add(*loss_of(output, batch, mask))
+                clean_loss.add(*loss_of(output, batch, real, mask))
                 for site in built:
                     site.measure(captured, mask)
                     for hooks, losses in ((site.splice_hooks(mask), spliced), (zero_hooks(site.names), ablated)):
                         with forward_hooks(model, hooks):
                             output = call_model(model, batch)
-                        losses[site.key].add(loss_of(output, batch, mask), logits_of(output), clean_logits, mask)
+                        losses[site.key].add(loss_of(output, batch, real, mask), logits_of(output), clean_logits,
+                                             mask)
                 first_output = captured[built[0].names[0]][1]
                 bar.advance(int(mask.sum()) if mask is not None else first_output.shape[:-1].numel())
     finally:
@@ -468,7 +492,7 @@ def evaluate(model: nn.Module, sites: Mapping, batches: Iterable, *, loss_fn=Non
 def report(site: Site | CrossLayerSite, clean_loss: RunningMean, spliced: Losses, ablated: Losses) -> SiteReport:
     statistics = site.statistics
     if statistics.active.count == 0:
-        raise ValueError("batches: yielded no tokens (every attention_mask entry is zero)")
+        raise ValueError("batches: yielded no tokens to evaluate (every one padding or excluded)")
     loss_clean, loss_spliced, loss_zero = clean_loss.value(), spliced.loss.value(), ablated.loss.value()
     fvu = statistics.fvu()
     tokens = statistics.variances[0].rows
