@@ -565,6 +565,11 @@ def test_bad_inputs_name_the_argument(model):
         evaluate(model, {"blocks.1": coder}, batches, loss_fn="ce", progress=False)
     with pytest.raises(TypeError, match="loss_fn"):
         evaluate(model, {"blocks.1": coder}, [b.double() for b in batches], progress=False)
+    with pytest.raises(TypeError, match="exclude_tokens"):
+        evaluate(model, {"blocks.1": coder}, batches, exclude_tokens=["<bos>"], progress=False)
+    with pytest.raises(TypeError, match="exclude_tokens"):
+        evaluate(model, {"blocks.1": coder}, [(b,) for b in batches], exclude_tokens=[0], progress=False,
+                 loss_fn=lambda logits, batch: logits.mean())
     with pytest.raises(ValueError, match="batches"):
         evaluate(model, {"blocks.1": coder}, [], progress=False)
     with pytest.raises(ValueError, match="batches"):

@@ -116,7 +116,7 @@ def token_ids(batch: object, needed_by: str = "loss_fn") -> torch.Tensor:
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 2:
         remedy = ("pass loss_fn(output, batch) -> scalar for other batches" if needed_by == "loss_fn"
-                  else "mask such tokens out in the attention_mask instead")
+                  else "exclude_tokens reads the ids of such batches only")
         raise TypeError(f"{needed_by}: needs batches of token ids [batch, seq] (a tensor or a dict with "
                         f"input_ids); {remedy}")
     return ids
@@ -224,7 +224,7 @@ def rows_of(name: str, tensor: torch.Tensor, mask: torch.Tensor | None) -> torch
         return tensor.reshape(-1, tensor.shape[-1])
     if tensor.shape[:-1] != mask.shape:
         raise ValueError(f"sites: submodule {name!r} has activations {list(tensor.shape)}, which do not match the "
-                         f"attention_mask {list(mask.shape)} plus a feature axis")
+                         f"batch's token mask {list(mask.shape)} plus a feature axis")
     return tensor[mask]
 
 
