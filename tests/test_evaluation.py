@@ -586,3 +586,13 @@ def test_bad_inputs_name_the_argument(model):
         model.unused = nn.Identity()
         evaluate(model, {"unused": coder}, batches, progress=False)
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_submodule_run_twice_per_pass_is_refused():
+    """Its reconstruction comes from one clean activation: a second call would splice a stale one."""
+    shared = nn.Linear(D, D).double()
+    twice = nn.Sequential(shared, nn.Tanh(), shared)
+    with pytest.raises(ValueError, match="ran twice"):
+        evaluate(twice, {"0": make_coder("topk")}, [torch.randn(4, D, dtype=torch.float64)],
+                 loss_fn=lambda output, batch: output.square().mean(), progress=False)
+    assert not shared._forward_hooks
