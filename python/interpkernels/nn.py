@@ -305,8 +305,13 @@ class CrossLayerTranscoder(SafetensorsModule):
         return self.W_dec[layer].transpose(0, 1)
 
     def encode(self, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [topk_encode(x, self.W_enc[layer], self.b_enc[layer], self.config["k"], backend=self.backend)
-                for layer, x in enumerate(inputs)]
+        """The codes of layers 0, 1, ... from their MLP inputs (a prefix of the layers may be given)."""
+        return [self.encode_layer(layer, x) for layer, x in enumerate(inputs)]
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s code alone: a replacement model encodes each layer's input
+        as the forward pass reaches it (interpkernels.evaluation)."""
+        return topk_encode(x, self.W_enc[layer], self.b_enc[layer], self.config["k"], backend=self.backend)
 
     def _contributions(self, source: int, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``[L - source, ..., d]``: layer `source`'s code decoded to it and to every later layer."""

@@ -236,9 +236,8 @@ class LatentShardedCrossLayerTranscoder(LatentShards, CrossLayerTranscoder):
     decodes the entries it holds to every later layer, and the ranks' partial
     outputs of all layers are summed in one all-reduce."""
 
-    def encode(self, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [exact_global_topk(self, x, self.W_enc[layer], self.b_enc[layer], self.config["k"])
-                for layer, x in enumerate(inputs)]
+    def encode_layer(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return exact_global_topk(self, x, self.W_enc[layer], self.b_enc[layer], self.config["k"])
 
     def _contributions(self, source, values, indices):
         held, local = self._held_entries(indices)
