@@ -4,7 +4,7 @@ world sizes, and the ``python -m interpkernels train-distributed`` launcher
 
 from interpkernels.distributed.checkpoint import load_checkpoint, load_sharded_checkpoint, save_checkpoint
 from interpkernels.distributed.collectives import CommunicationCounter
-from interpkernels.distributed.launch import process_group
+from interpkernels.distributed.groups import process_group
 from interpkernels.distributed.sharded import (
     LatentShardedCoder,
     LatentShardedCrossLayerTranscoder,
