@@ -431,15 +431,20 @@ def test_shard_latents_refuses_what_it_cannot_shard(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_overwritten_in_place_and_cut_short_fails_to_load(tmp_path, monkeypatch):
-    """train-distributed rewrites final/ in place: a write cut short leaves no index, not the old one."""
+    """train-distributed rewrites final/ in place. Cut short after the new shard, before the
+    new index, the old index would read the old M rows of the new file: a module that loads
+    wrong. The old index is gone first instead."""
+    from safetensors import torch as safetensors_torch
+
     save_checkpoint(TopKSAE(D, M, 4, seed=1), tmp_path)
+    write_shard = safetensors_torch.save_file
 
-    def disk_full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 8)
-        raise OSError("No space left on device")
+    def write_shard_then_die(*args, **kwargs):
+        write_shard(*args, **kwargs)
+        raise KeyboardInterrupt  # stands for the kill
 
-    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(TopKSAE(D, M, 4, seed=2), tmp_path)
+    monkeypatch.setattr(safetensors_torch, "save_file", write_shard_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(TopKSAE(D, M + 9, 4, seed=2), tmp_path)
     with pytest.raises(FileNotFoundError, match="index.json"):
         load_checkpoint(tmp_path)

@@ -8,8 +8,11 @@ shards (``--latent-shards S``). The S ranks of one replica hold the S slices
 of the dictionary and read the same batches; replicas read disjoint batches
 (every (R/S)-th batch of one shuffled stream of the raw float32 ``[tokens,
 d]`` file) and average gradients (DDP). NCCL on GPUs (rank i on cuda:LOCAL_RANK),
-gloo on CPUs. Checkpoints go to ``--out`` as sharded directories
-(interpkernels.distributed.checkpoint), loadable at any world size.
+gloo on CPUs. Checkpoints go to ``--out`` as ``step_<n>/`` folders (the
+module loadable at any world size by interpkernels.distributed.checkpoint,
+and each rank's training state); ``--resume`` continues from the newest one
+at the same mesh. A collective that waits longer than ``--timeout`` seconds
+for a rank (stopped, hung) ends the run with an error.
 """
 
 from __future__ import annotations
