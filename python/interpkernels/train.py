@@ -16,6 +16,13 @@ A latent is *dead* when it has not fired in the last `dead_after_tokens`
 training tokens: the latents AuxK trains, counted in the progress display and
 in ``TrainHistory.dead_latents``.
 
+Checkpoints (`checkpoint_dir`) are ``step_<n>/`` folders, each written whole
+or not at all (a hidden folder, fsynced, renamed), the newest few kept;
+``resume=True`` continues from the newest, bit for bit on CPU. The first
+non-finite loss is recorded on the device and stops the run
+(FloatingPointError) at the next history check or checkpoint, which no
+non-finite value reaches.
+
 Distributed (interpkernels.distributed; launched by ``torchrun ... -m
 interpkernels train-distributed``): `module` may be latent-sharded
 (shard_latents), and `data_parallel_group` runs it under
@@ -294,6 +301,32 @@ def _is_restorable(batches: Iterable) -> bool:
     return callable(getattr(batches, "state_dict", None)) and callable(getattr(batches, "load_state_dict", None))
 
 
+def _training_state(step: int, ranks: TrainingRanks, optimizer: torch.optim.Optimizer, dead: DeadLatentCounter,
+                    history: TrainHistory, batches: Iterable, device: torch.device) -> dict:
+    """What a rank needs, beside the module's parameters, to continue after `step` as if never stopped."""
+    return {"step": step, "mesh": [ranks.data_size, ranks.latent_size],
+            "optimizer": optimizer.state_dict(), "tokens_since_fired": dead.tokens_since_fired,
+            "history": asdict(history),  # its last dead-latent count turns AuxK on or off
+            "cpu_rng": torch.get_rng_state(),
+            "device_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "data": batches.state_dict() if _is_restorable(batches) else None}
+
+
+def _restore_training_state(state: dict, optimizer: torch.optim.Optimizer, dead: DeadLatentCounter,
+                            batches: Iterable, device: torch.device) -> tuple[TrainHistory, int]:
+    """Put a _training_state back; returns the history and how many batches to skip
+    (those of the steps done, for batches that cannot restore their position)."""
+    optimizer.load_state_dict(state["optimizer"])
+    dead.tokens_since_fired = state["tokens_since_fired"].to(device)
+    torch.set_rng_state(state["cpu_rng"])
+    if state["device_rng"] is not None:
+        torch.cuda.set_rng_state(state["device_rng"], device)
+    if _is_restorable(batches) and state["data"] is not None:
+        batches.load_state_dict(state["data"])
+        return TrainHistory(**state["history"]), 0
+    return TrainHistory(**state["history"]), state["step"]
+
+
 def train(
     module: SparseCoder,
     batches: Iterable,
@@ -349,7 +382,7 @@ def train(
     optimizer = torch.optim.Adam(parameters, lr=lr or default_learning_rate(module.num_latents))
     dead = DeadLatentCounter(module.num_latents, device)
     history = TrainHistory()
-    first_step, last_checkpoint = 1, None
+    first_step, last_checkpoint, batches_to_skip = 1, None, 0
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
         if not resume and checkpoints(checkpoint_dir):
@@ -363,15 +396,8 @@ def train(
         if resumed is not None:
             last_checkpoint, state = resumed
             load_checkpoint_into(module, last_checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
-            dead.tokens_since_fired = state["tokens_since_fired"].to(device)
-            history = TrainHistory(**state["history"])
-            torch.set_rng_state(state["cpu_rng"])
-            if state["device_rng"] is not None:
-                torch.cuda.set_rng_state(state["device_rng"], device)
+            history, batches_to_skip = _restore_training_state(state, optimizer, dead, batches, device)
             first_step = state["step"] + 1
-            if _is_restorable(batches):
-                batches.load_state_dict(state["data"])
     model = module
     gradient_bytes = 0
     if data_parallel_group is not None:
@@ -381,9 +407,8 @@ def train(
     display = ProgressDisplay(steps, module.num_latents, first_step) if progress else None
     started, tokens_since_log = time.perf_counter(), 0
     batch_iter = iter(batches)
-    if not _is_restorable(batches):
-        for _ in range(first_step - 1):
-            next(batch_iter)
+    for _ in range(batches_to_skip):
+        next(batch_iter)
     # The first step whose loss was not finite, kept on the device: checked (one sync)
     # only where the loop waits for the device anyway.
     never = steps + 1
@@ -448,11 +473,7 @@ def train(
             parameters_finite = torch.stack([p.detach().isfinite().all() for p in parameters]).all()
             nonfinite_step = torch.where(parameters_finite, nonfinite_step, nonfinite_step.clamp(max=step))
             stop_if_nonfinite()
-            state = {"step": step, "mesh": [ranks.data_size, ranks.latent_size],
-                     "optimizer": optimizer.state_dict(), "tokens_since_fired": dead.tokens_since_fired,
-                     "history": asdict(history), "cpu_rng": torch.get_rng_state(),
-                     "device_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                     "data": batches.state_dict() if _is_restorable(batches) else None}
+            state = _training_state(step, ranks, optimizer, dead, history, batches, device)
             last_checkpoint = _write_checkpoint(checkpoint_dir, step, module, state, ranks, keep_checkpoints)
     if display is not None:
         display.close()
