@@ -344,9 +344,12 @@ def test_train_distributed_command_matches_single_process(tmp_path):
 
 # One rank of `train-distributed --latent-shards 2` on 2 ranks, launched as torchrun would
 # (its environment variables, without the agent, whose start costs seconds); rank 1 sends
-# itself `signal` as it takes its 3rd batch.
+# itself `signal` as it takes its 3rd batch. The ranks start the command together, imports
+# done: on a loaded machine one can lag the other by more than a short --timeout.
 RANK_CHILD = """
-import os, signal, sys
+import os, signal, sys, time
+from pathlib import Path
+import torch._dynamo
 from interpkernels import train as training
 from interpkernels.distributed import launch
 
@@ -358,7 +361,11 @@ def take_batch_or_stop(batches):
     return take_batch(batches)
 
 training.MemmapBatches.__next__ = take_batch_or_stop
-launch.main(sys.argv[2:])
+ready = Path(sys.argv[2])
+(ready / os.environ["RANK"]).touch()
+while len(list(ready.iterdir())) < 2:
+    time.sleep(0.05)
+launch.main(sys.argv[3:])
 """
 
 
@@ -377,8 +384,10 @@ def test_train_distributed_ends_when_a_rank_stops_answering(tmp_path, rank_signa
              "32", "--steps", "8", "--latent-shards", "2", "--timeout", str(timeout), "--out", str(tmp_path / "run")]
     environment = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(free_port()))
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_CHILD, rank_signal, *flags], stderr=subprocess.PIPE,
-                              text=True, env=dict(environment, RANK=str(rank), LOCAL_RANK=str(rank)))
+    (tmp_path / "ready").mkdir()
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_CHILD, rank_signal, str(tmp_path / "ready"), *flags],
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(environment, RANK=str(rank), LOCAL_RANK=str(rank)))
              for rank in range(2)]
     try:
         _, error = ranks[0].communicate(timeout=90)  # far below gloo's own 30 minutes

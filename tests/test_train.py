@@ -224,7 +224,7 @@ def test_a_run_killed_and_resumed_ends_bit_identical_to_an_uninterrupted_one(uni
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_12", "step_8"]  # the last 2, nothing unfinished
 
 
-def test_resume_fast_forwards_other_iterables(tmp_path):
+def test_resume_fast_forwards_other_iterables(tmp_path, capsys):
     """A generator cannot save its position: the resumed run draws and drops the batches done."""
     data = demo.SyntheticActivations.make(16, 32, 2.0, seed=0)
     settings = dict(lr=3e-3, log_every=3, dead_after_tokens=128, progress=False)
@@ -234,8 +234,11 @@ def test_resume_fast_forwards_other_iterables(tmp_path):
     first = TopKSAE(16, 128, 4, seed=0)
     train(first, data.batches(64), steps=6, checkpoint_dir=tmp_path, checkpoint_every=3, **settings)
     resumed = TopKSAE(16, 128, 4, seed=5)  # other initial weights: the checkpoint replaces them
+    capsys.readouterr()
     history = train(resumed, demo.SyntheticActivations.make(16, 32, 2.0, seed=0).batches(64), steps=9,
-                    checkpoint_dir=tmp_path, checkpoint_every=3, resume=True, **settings)
+                    checkpoint_dir=tmp_path, checkpoint_every=3, resume=True, **{**settings, "progress": True})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("step 7/9  ") and lines[-1].startswith("step 9/9  ")  # counted from the resumed step
     assert all(torch.equal(resumed.state_dict()[key], value) for key, value in uninterrupted.state_dict().items())
     assert history.steps == expected.steps == [3, 6, 9] and history.fvu == expected.fvu
     assert history.dead_latents == expected.dead_latents and any(loss > 0 for loss in history.auxk_loss)
