@@ -6,7 +6,9 @@ runs all its checks on one process group; a check failing in any rank fails
 the test with that rank's traceback. M = 31 latents: not divisible by 2 or 3.
 """
 
+import ast
 import copy
+import graphlib
 import os
 import socket
 import subprocess
@@ -457,3 +459,21 @@ def test_a_checkpoint_overwritten_in_place_and_cut_short_fails_to_load(tmp_path,
         save_checkpoint(TopKSAE(D, M + 9, 4, seed=2), tmp_path)
     with pytest.raises(FileNotFoundError, match="index.json"):
         load_checkpoint(tmp_path)
+
+
+def test_the_distributed_modules_import_each_other_one_way():
+    """No import cycle among interpkernels.distributed's modules (checkpoint.py imported
+    sharded.py, whose save() imported checkpoint.py back, lazily): every import statement counts."""
+    package = Path(launch.__file__).parent
+    imports = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        imports[f"interpkernels.distributed.{path.stem}"] = {
+            name for name in names if name.startswith("interpkernels.distributed.")}
+    assert imports["interpkernels.distributed.checkpoint"] >= {"interpkernels.distributed.sharded"}
+    list(graphlib.TopologicalSorter(imports).static_order())  # CycleError names the cycle
