@@ -20,7 +20,7 @@ from interpkernels.decomposition import (
     toy,
     train_spd,
 )
-from interpkernels.decomposition.train import APDConfig, TrainingLog
+from interpkernels.decomposition.train import APDConfig, TrainingLog, train_apd
 
 # The recovery test's run: TOY_CONFIG (the README's 4000 steps of 1024 tokens) cut to fit the
 # test budget: 2500 steps of 512 tokens at twice the learning rate.
@@ -97,6 +97,25 @@ def test_apd_training_loop_logs_plain_lines_and_fits_the_weights(target, capsys)
     faithfulness = [float(line.split("faithfulness ")[1].split()[0]) for line in lines]
     assert faithfulness[1] < faithfulness[0]  # the components start adding up to the target
     assert len(before.best_cosine) == len(after.best_cosine) == 5
+
+
+def test_apd_and_spd_training_stop_on_a_nonfinite_loss(target):
+    generator = torch.Generator().manual_seed(5)
+    steps = iter(range(1, 100))
+
+    def batches():
+        x = torch.rand(16, 5, generator=generator)
+        if next(steps) == 3:
+            x[2, 1] = float("nan")
+        return x
+
+    with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or inf\) at step 3;"):
+        train_apd(target, {"hidden": LinearComponents(target.hidden, 3, generator=generator)}, batches,
+                  APDConfig(steps=8, k=1, log_every=4), progress=False)
+    steps = iter(range(1, 100))
+    with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or inf\) at step 3;"):
+        train_spd(target, {"hidden": LinearComponents(target.hidden, 3, generator=generator)},
+                  {"hidden": CausalImportance(3)}, batches, SPDConfig(steps=8, log_every=4), progress=False)
 
 
 def test_training_log_on_a_terminal_is_a_tqdm_bar_ending_in_the_last_terms(fake_terminal):

@@ -6,8 +6,11 @@ runs all its checks on one process group; a check failing in any rank fails
 the test with that rank's traceback. M = 31 latents: not divisible by 2 or 3.
 """
 
+import ast
 import copy
+import graphlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch.multiprocessing as mp
 from interpkernels.distributed import (
     load_checkpoint,
     load_sharded_checkpoint,
+    process_group,
     save_checkpoint,
     shard_bounds,
     shard_latents,
@@ -44,10 +48,10 @@ def _run_rank(rank, world_size, store, backend, check, args):
     torch.set_num_threads(1)  # ranks share the machine's cores
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    with launch.process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size):
+    with process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size):
         check(rank, world_size, *args)
     if backend == "gloo" and sys.platform == "linux":
-        # Gloo threads alive at interpreter exit can abort the rank (launch.process_group).
+        # Gloo threads alive at interpreter exit can abort the rank (distributed.process_group).
         threads = [(Path("/proc/self/task") / task / "comm").read_text().strip() for task in os.listdir("/proc/self/task")]
         assert not [name for name in threads if "gloo" in name], f"rank {rank}: gloo threads outlive the group: {threads}"
 
@@ -224,7 +228,32 @@ def check_data_parallel(rank: int, world_size: int) -> None:
     assert history.bytes_reduced[-1] == parameter_bytes + M  # gradients + the dead-latent mask (uint8)
 
 
-def two_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
+def check_resume(rank: int, world_size: int, directory: Path, data: Path) -> None:
+    """train-distributed stopped at step 4 and resumed with --resume ends bit-identical to a run of
+    6 steps, on both meshes of 2 ranks; its checkpoints load in one process; another mesh is refused."""
+    flags = ["--data", str(data), "--width", "16", "--latents", "37", "--k", "4", "--batch-size", "32", "--lr", "0.01",
+             "--log-every", "2", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+    for shards in ("1", "2"):  # 2 data-parallel x 1 latent shard, 1 x 2
+        def run(steps: int, out: str, *extra: str) -> None:
+            mesh = flags + ["--latent-shards", shards, "--steps", str(steps), "--out", str(directory / out)]
+            launch.run(launch.build_parser().parse_args(mesh + list(extra)), torch.device("cpu"))
+            dist.barrier()  # replica 0 alone writes final/: done before any rank reads it
+
+
+        run(6, f"uninterrupted-{shards}")
+        run(4, f"resumed-{shards}")
+        run(6, f"resumed-{shards}", "--resume")
+        expected = load_checkpoint(directory / f"uninterrupted-{shards}" / "final").state_dict()
+        for checkpoint in ("final", "step_6", "step_4"):
+            got = load_checkpoint(directory / f"resumed-{shards}" / checkpoint).state_dict()
+            assert all(torch.equal(got[key], value) for key, value in expected.items()) == (checkpoint != "step_4")
+    with pytest.raises(ValueError, match="written by 1 data-parallel x 2 latent ranks, this run has 2 x 1"):
+        launch.run(launch.build_parser().parse_args(flags + ["--latent-shards", "1", "--steps", "8", "--resume",
+                                                             "--out", str(directory / "resumed-2")]),
+                   torch.device("cpu"))
+
+
+def two_rank_checks(rank: int, world_size: int, checkpoint_dir: str, data: str) -> None:
     for dtype in (torch.float64, torch.float32):
         for seed, full in enumerate(coders(dtype)):
             check_against_unsharded(full, shard_latents(full), dtype, seed)
@@ -233,12 +262,13 @@ def two_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
     trained = check_training(rank, world_size)
     check_data_parallel(rank, world_size)
     full, sharded = trained["JumpReLUSAE"]
-    sharded.save(checkpoint_dir)  # through the module, as train() writes them
+    save_checkpoint(sharded, checkpoint_dir)
     if rank == 0:
         torch.save(full.state_dict(), Path(checkpoint_dir) / "expected.pt")
     clt = cross_layer_transcoder()
     check_cross_layer_transcoder(clt)
-    shard_latents(clt).save(Path(checkpoint_dir).parent / "cross-layer")
+    save_checkpoint(shard_latents(clt), Path(checkpoint_dir).parent / "cross-layer")
+    check_resume(rank, world_size, Path(checkpoint_dir).parent / "resume", Path(data))
 
 
 def three_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
@@ -269,7 +299,8 @@ def three_rank_checks(rank: int, world_size: int, checkpoint_dir: str) -> None:
 def checkpoint_of_two_ranks(tmp_path_factory):
     """The 2-rank run (all its checks); leaves a checkpoint written by 2 ranks."""
     directory = tmp_path_factory.mktemp("distributed")
-    spawn(2, two_rank_checks, str(directory / "checkpoint"), store=directory / "store")
+    np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32).tofile(directory / "acts.f32")
+    spawn(2, two_rank_checks, str(directory / "checkpoint"), str(directory / "acts.f32"), store=directory / "store")
     return directory / "checkpoint"
 
 
@@ -313,6 +344,65 @@ def test_train_distributed_command_matches_single_process(tmp_path):
         torch.testing.assert_close(trained.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
+# One rank of `train-distributed --latent-shards 2` on 2 ranks, launched as torchrun would
+# (its environment variables, without the agent, whose start costs seconds); rank 1 sends
+# itself `signal` as it takes its 3rd batch. The ranks start the command together, imports
+# done: on a loaded machine one can lag the other by more than a short --timeout.
+RANK_CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+import torch._dynamo
+from interpkernels import train as training
+from interpkernels.distributed import launch
+
+take_batch = training.MemmapBatches.__next__
+
+def take_batch_or_stop(batches):
+    if os.environ["RANK"] == "1" and batches.position == 2:
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return take_batch(batches)
+
+training.MemmapBatches.__next__ = take_batch_or_stop
+ready = Path(sys.argv[2])
+(ready / os.environ["RANK"]).touch()
+while len(list(ready.iterdir())) < 2:
+    time.sleep(0.05)
+launch.main(sys.argv[3:])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank_signal", ["SIGSTOP", "SIGKILL"])
+def test_train_distributed_ends_when_a_rank_stops_answering(tmp_path, rank_signal):
+    """A stopped rank: the other ends within --timeout with an error saying so; a killed one: at once."""
+    np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32).tofile(tmp_path / "acts.f32")
+    timeout = 3 if rank_signal == "SIGSTOP" else 600
+    flags = ["--data", str(tmp_path / "acts.f32"), "--width", "16", "--latents", "37", "--k", "4", "--batch-size",
+             "32", "--steps", "8", "--latent-shards", "2", "--timeout", str(timeout), "--out", str(tmp_path / "run")]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(free_port()))
+    (tmp_path / "ready").mkdir()
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_CHILD, rank_signal, str(tmp_path / "ready"), *flags],
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(environment, RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in range(2)]
+    try:
+        _, error = ranks[0].communicate(timeout=90)  # far below gloo's own 30 minutes
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.communicate()
+    assert ranks[0].returncode == 1, error[-3000:]
+    timed_out = ("TimeoutError: rank 0: a collective waited longer than the process group's timeout (3 s) for the "
+                 "other ranks: one has stopped answering (hung, stopped, or far slower than the others)")
+    assert (timed_out in error) == (rank_signal == "SIGSTOP"), error[-3000:]
+
+
 def nccl_checks(rank: int, world_size: int) -> None:
     for seed, full in enumerate(coders(torch.float32, f"cuda:{rank}")):
         check_against_unsharded(full, shard_latents(full), torch.float32, seed)
@@ -349,3 +439,41 @@ def test_shard_latents_refuses_what_it_cannot_shard(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)  # as outside torchrun
     with pytest.raises(SystemExit, match="run it under torchrun"):
         launch.main(["--data", "acts.f32", "--width", "4", "--latents", "8", "--k", "2", "--out", str(tmp_path)])
+
+
+def test_a_checkpoint_overwritten_in_place_and_cut_short_fails_to_load(tmp_path, monkeypatch):
+    """train-distributed rewrites final/ in place. Cut short after the new shard, before the
+    new index, the old index would read the old M rows of the new file: a module that loads
+    wrong. The old index is gone first instead."""
+    from safetensors import torch as safetensors_torch
+
+    save_checkpoint(TopKSAE(D, M, 4, seed=1), tmp_path)
+    write_shard = safetensors_torch.save_file
+
+    def write_shard_then_die(*args, **kwargs):
+        write_shard(*args, **kwargs)
+        raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(safetensors_torch, "save_file", write_shard_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(TopKSAE(D, M + 9, 4, seed=2), tmp_path)
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_the_distributed_modules_import_each_other_one_way():
+    """No import cycle among interpkernels.distributed's modules (checkpoint.py imported
+    sharded.py, whose save() imported checkpoint.py back, lazily): every import statement counts."""
+    package = Path(launch.__file__).parent
+    imports = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        imports[f"interpkernels.distributed.{path.stem}"] = {
+            name for name in names if name.startswith("interpkernels.distributed.")}
+    assert imports["interpkernels.distributed.checkpoint"] >= {"interpkernels.distributed.sharded"}
+    list(graphlib.TopologicalSorter(imports).static_order())  # CycleError names the cycle

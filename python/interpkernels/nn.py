@@ -66,7 +66,6 @@ class SafetensorsModule(nn.Module):
     the class name and ``config`` (the constructor's arguments) as metadata."""
 
     config: dict
-    checkpoint_suffix = ".safetensors"  # interpkernels.train names checkpoints step_<n> plus this
 
     def save(self, path: str | Path) -> None:
         """Parameters and config to one safetensors file."""

@@ -16,6 +16,13 @@ A latent is *dead* when it has not fired in the last `dead_after_tokens`
 training tokens: the latents AuxK trains, counted in the progress display and
 in ``TrainHistory.dead_latents``.
 
+Checkpoints (`checkpoint_dir`) are ``step_<n>/`` folders, each written whole
+or not at all (a hidden folder, fsynced, renamed), the newest few kept;
+``resume=True`` continues from the newest, bit for bit on CPU. The first
+non-finite loss is recorded on the device and stops the run
+(FloatingPointError) at the next history check or checkpoint, which no
+non-finite value reaches.
+
 Distributed (interpkernels.distributed; launched by ``torchrun ... -m
 interpkernels train-distributed``): `module` may be latent-sharded
 (shard_latents), and `data_parallel_group` runs it under
@@ -28,15 +35,20 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from interpkernels._progress import Progress
+from interpkernels.distributed.checkpoint import fsync, load_checkpoint_into, save_checkpoint
+from interpkernels.distributed.sharded import LatentShards
 from interpkernels.nn import JumpReLUSAE, SparseCoder
 
 
@@ -80,16 +92,63 @@ def default_learning_rate(num_latents: int) -> float:
     return 2e-4 / math.sqrt(num_latents / 2**14)
 
 
-def memmap_batches(path: str | Path, d: int, batch_size: int, *, dtype=np.float32, device="cpu",
-                   shuffle_seed: int | None = 0) -> Iterator[torch.Tensor]:
-    """Endless batches ``[batch_size, d]`` from a raw ``[tokens, d]`` array file
-    (numpy.memmap: only the rows of a batch are read).
+class MemmapBatches:
+    """The batches of :func:`memmap_batches`: an endless iterator whose
+    position (batches yielded) :meth:`state_dict` saves and
+    :meth:`load_state_dict` restores exactly, without reading the rows it
+    skips: train(..., resume=True) continues it where the checkpoint left it."""
 
-    Raises ValueError at once (not at the first batch) when the file is not a
-    whole number of rows of d values, or holds fewer than batch_size rows.
+    def __init__(self, array: np.memmap, batch_size: int, device, shuffle_seed: int | None, stride: int, offset: int):
+        self.array, self.batch_size, self.device = array, batch_size, device
+        self.shuffle_seed, self.stride, self.offset = shuffle_seed, stride, offset
+        self.starts = np.arange(0, len(array) - batch_size + 1, batch_size)  # one epoch, unshuffled
+        self.position = 0
+        self._epoch, self._order, self._rng = -1, self.starts, None
+
+    def __iter__(self) -> MemmapBatches:
+        return self
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The batch starts of `epoch`: each epoch the next shuffle of the seeded generator."""
+        if self.shuffle_seed is None:
+            return self.starts
+        if epoch < self._epoch or self._rng is None:
+            self._epoch, self._rng = -1, np.random.default_rng(self.shuffle_seed)
+        while self._epoch < epoch:
+            self._order = self.starts.copy()
+            self._rng.shuffle(self._order)
+            self._epoch += 1
+        return self._order
+
+    def __next__(self) -> torch.Tensor:
+        epoch, within = divmod(self.offset + self.position * self.stride, len(self.starts))
+        start = self._epoch_order(epoch)[within]
+        self.position += 1
+        return torch.from_numpy(np.array(self.array[start:start + self.batch_size])).to(self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+
+
+def memmap_batches(path: str | Path, d: int, batch_size: int, *, dtype=np.float32, device="cpu",
+                   shuffle_seed: int | None = 0, stride: int = 1, offset: int = 0) -> MemmapBatches:
+    """Endless batches ``[batch_size, d]`` from a raw ``[tokens, d]`` array file
+    (numpy.memmap: only the rows of a batch are read), in a new order each
+    epoch (shuffle_seed None: file order).
+
+    stride, offset: yield only the batches offset, offset + stride, ... of
+    that stream (data-parallel replica `offset` of `stride`); the others are
+    never read. Raises ValueError at once (not at the first batch) when the
+    file is not a whole number of rows of d values, or holds fewer than
+    batch_size rows.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
+    if stride < 1 or not 0 <= offset < stride:
+        raise ValueError(f"stride, offset: expected 0 <= offset < stride, got offset={offset}, stride={stride}")
     row_bytes = d * np.dtype(dtype).itemsize
     size = os.path.getsize(path)
     if size % row_bytes:
@@ -99,27 +158,19 @@ def memmap_batches(path: str | Path, d: int, batch_size: int, *, dtype=np.float3
     if rows < batch_size:
         raise ValueError(f"{path}: holds {rows} rows of d={d}, fewer than batch_size={batch_size}")
     array = np.memmap(path, dtype=dtype, mode="r", shape=(rows, d))
-    rng = np.random.default_rng(shuffle_seed)
-
-    def batches() -> Iterator[torch.Tensor]:
-        while True:
-            starts = np.arange(0, rows - batch_size + 1, batch_size)
-            if shuffle_seed is not None:
-                rng.shuffle(starts)
-            for start in starts:
-                yield torch.from_numpy(np.array(array[start:start + batch_size])).to(device)
-
-    return batches()
+    return MemmapBatches(array, batch_size, device, shuffle_seed, stride, offset)
 
 
 class ProgressDisplay(Progress):
     """What train() shows on stderr while it runs: a tqdm bar of steps on a
     terminal; elsewhere (a log file, CI) plain lines, no '\\r', after the first
     step, then every `PLAIN_LINE_SECONDS` and at the last step, so the first
-    news comes within seconds whatever log_every is."""
+    news comes within seconds whatever log_every is. A resumed run counts
+    from its first step, `first_step`."""
 
-    def __init__(self, steps: int, num_latents: int):
-        super().__init__(steps, "step")
+    def __init__(self, steps: int, num_latents: int, first_step: int = 1):
+        super().__init__(steps - first_step + 1, "step")
+        self.steps, self.first_step = steps, first_step
         self.num_latents, self.tokens = num_latents, 0
 
     def step_done(self, tokens: int) -> None:
@@ -128,16 +179,152 @@ class ProgressDisplay(Progress):
 
     def status_due(self, step: int) -> bool:
         """Whether to show a status now (each status waits for the device)."""
-        return step == 1 or step == self.total or self.due()
+        return step in (self.first_step, self.steps) or self.due()
 
     def report(self, step: int, fvu: float, l0: float, dead: int) -> None:
-        self.show(f"step {step}/{self.total}",
+        self.show(f"step {step}/{self.steps}",
                   f"fvu {fvu:.4f}  l0 {l0:.1f}  dead {dead} of {self.num_latents}  "
                   f"{self.tokens / self.elapsed():,.0f} tok/s")
 
 
 def _split(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+
+
+class TrainingRanks:
+    """Where this process stands among those that train one module: data-parallel
+    replica `data_rank` of `data_size` (train's data_parallel_group) and latent shard
+    `latent_rank` of `latent_size` (a latent-sharded module's group); 0 of 1 without."""
+
+    def __init__(self, module: SparseCoder, data_parallel_group):
+        self.groups = []
+        self.data_rank, self.data_size = self._join(data_parallel_group, data_parallel_group is not None)
+        self.latent_rank, self.latent_size = self._join(getattr(module, "group", None),
+                                                        isinstance(module, LatentShards))
+
+    def _join(self, group, present: bool) -> tuple[int, int]:
+        if not present:
+            return 0, 1
+        self.groups.append(group)
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    @property
+    def index(self) -> int:
+        return self.data_rank * self.latent_size + self.latent_rank
+
+    @property
+    def count(self) -> int:
+        return self.data_size * self.latent_size
+
+    def barrier(self) -> None:
+        """Every rank of the mesh is here: each waited for its replicas, then for its shards."""
+        for group in self.groups:
+            dist.barrier(group=group)
+
+    def minimum(self, value: torch.Tensor) -> int:
+        """The least of every rank's `value` (a 0-d integer tensor)."""
+        value = value.clone()
+        for group in self.groups:
+            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+        return int(value)
+
+
+# A checkpoint is the folder step_<n>: the module (save_checkpoint's layout, so load_checkpoint reads it)
+# and one training state per rank. Written as a hidden .step_<n>.partial folder, then renamed.
+CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+UNFINISHED_PREFIX = ".step_"
+
+
+def checkpoints(directory: str | Path) -> dict[int, Path]:
+    """The complete checkpoints (step_<n> folders) of a train() checkpoint_dir, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    found = [(int(match[1]), path) for path in directory.iterdir()
+             if path.is_dir() and (match := CHECKPOINT_NAME.fullmatch(path.name))]
+    return dict(sorted(found))
+
+
+def _training_state_name(ranks: TrainingRanks) -> str:
+    return f"training-state-{ranks.index:05d}-of-{ranks.count:05d}.pt"
+
+
+def _write_checkpoint(directory: Path, step: int, module: SparseCoder, state: dict, ranks: TrainingRanks,
+                      keep: int) -> Path:
+    """directory/step_<step>, whole or not at all: written into a hidden folder, each
+    file fsynced, then renamed; the oldest beyond `keep` go (renamed away first, so a
+    crash while deleting leaves no partial step_<n>). Collective over the mesh."""
+    final, partial = directory / f"step_{step}", directory / f"{UNFINISHED_PREFIX}{step}.partial"
+    if ranks.index == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    ranks.barrier()
+    if ranks.data_rank == 0:
+        save_checkpoint(module, partial)  # collective over the latent shards
+    state_path = partial / _training_state_name(ranks)
+    torch.save(state, state_path)
+    fsync(state_path)
+    ranks.barrier()
+    if ranks.index == 0:
+        fsync(partial)
+        os.rename(partial, final)
+        for old_step, old in list(checkpoints(directory).items())[:-keep]:
+            removed = directory / f"{UNFINISHED_PREFIX}{old_step}.removed"
+            os.rename(old, removed)
+            shutil.rmtree(removed)
+        fsync(directory)
+    ranks.barrier()  # the checkpoint exists on return, on every rank
+    return final
+
+
+def _resume_state(directory: Path, steps: int, ranks: TrainingRanks) -> tuple[Path, dict] | None:
+    """(the newest checkpoint, this rank's training state in it), or None when there is none."""
+    found = checkpoints(directory)
+    if not found:
+        return None
+    step, path = found.popitem()
+    if step > steps:
+        raise ValueError(f"resume: the newest checkpoint, {path}, is past steps={steps}")
+    state_path = path / _training_state_name(ranks)
+    if not state_path.is_file():
+        raise ValueError(f"resume: {path} holds no {state_path.name}: it was written by another mesh of ranks "
+                         f"({sorted(p.name for p in path.glob('training-state-*'))}); resume at that mesh")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state["mesh"] != [ranks.data_size, ranks.latent_size]:
+        raise ValueError(f"resume: {path} was written by {state['mesh'][0]} data-parallel x {state['mesh'][1]} "
+                         f"latent ranks, this run has {ranks.data_size} x {ranks.latent_size}; resume at that mesh")
+    return path, state
+
+
+def _is_restorable(batches: Iterable) -> bool:
+    """Whether `batches` saves its position itself (MemmapBatches; torchdata's StatefulDataLoader)."""
+    return callable(getattr(batches, "state_dict", None)) and callable(getattr(batches, "load_state_dict", None))
+
+
+def _training_state(step: int, ranks: TrainingRanks, optimizer: torch.optim.Optimizer, dead: DeadLatentCounter,
+                    history: TrainHistory, batches: Iterable, device: torch.device) -> dict:
+    """What a rank needs, beside the module's parameters, to continue after `step` as if never stopped."""
+    return {"step": step, "mesh": [ranks.data_size, ranks.latent_size],
+            "optimizer": optimizer.state_dict(), "tokens_since_fired": dead.tokens_since_fired,
+            "history": asdict(history),  # its last dead-latent count turns AuxK on or off
+            "cpu_rng": torch.get_rng_state(),
+            "device_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "data": batches.state_dict() if _is_restorable(batches) else None}
+
+
+def _restore_training_state(state: dict, optimizer: torch.optim.Optimizer, dead: DeadLatentCounter,
+                            batches: Iterable, device: torch.device) -> tuple[TrainHistory, int]:
+    """Put a _training_state back; returns the history and how many batches to skip
+    (those of the steps done, for batches that cannot restore their position)."""
+    optimizer.load_state_dict(state["optimizer"])
+    dead.tokens_since_fired = state["tokens_since_fired"].to(device)
+    torch.set_rng_state(state["cpu_rng"])
+    if state["device_rng"] is not None:
+        torch.cuda.set_rng_state(state["device_rng"], device)
+    if _is_restorable(batches) and state["data"] is not None:
+        batches.load_state_dict(state["data"])
+        return TrainHistory(**state["history"]), 0
+    return TrainHistory(**state["history"]), state["step"]
 
 
 def train(
@@ -154,6 +341,8 @@ def train(
     log_every: int = 50,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1000,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
     progress: bool = True,
     data_parallel_group: torch.distributed.ProcessGroup | None = None,
 ) -> TrainHistory:
@@ -164,25 +353,76 @@ def train(
     log_every: steps between the entries of the history. progress: show a
     :class:`ProgressDisplay` on stderr. data_parallel_group: train under
     DistributedDataParallel over this process group (gradients averaged, so
-    the step is that of the mean of the ranks' losses); only its rank 0
-    writes checkpoints (a latent-sharded module: one shard per latent rank).
+    the step is that of the mean of the ranks' losses).
+
+    checkpoint_dir: every `checkpoint_every` steps, write the folder
+    ``step_<n>`` there (atomically; the newest `keep_checkpoints` kept): the
+    module (load_checkpoint reads it) and every rank's training state
+    (optimizer, step, RNG, dead-latent counts, history, data position). A
+    fresh run refuses a folder that holds checkpoints already. resume: start
+    from the newest checkpoint there (none yet: from scratch) and continue
+    to `steps` in all, at the mesh of ranks that wrote it; batches that save
+    their position (:class:`MemmapBatches`, or anything with state_dict and
+    load_state_dict) continue exactly where it left them, others are
+    fast-forwarded by the steps done (read and dropped), so they must start
+    where the first run's did.
+
+    A non-finite loss (or, at a checkpoint, non-finite parameters) raises
+    FloatingPointError naming the step and the last good checkpoint; it is
+    noticed at the next history entry or checkpoint (the module then holds
+    non-finite parameters), never written into a checkpoint.
     """
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume: needs the checkpoint_dir to resume from")
+    if keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints: expected at least 1, got {keep_checkpoints}")
     parameters = [p for p in module.parameters() if p.requires_grad]
+    device = next(module.parameters()).device
+    ranks = TrainingRanks(module, data_parallel_group)
+    optimizer = torch.optim.Adam(parameters, lr=lr or default_learning_rate(module.num_latents))
+    dead = DeadLatentCounter(module.num_latents, device)
+    history = TrainHistory()
+    first_step, last_checkpoint, batches_to_skip = 1, None, 0
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        if not resume and checkpoints(checkpoint_dir):
+            raise ValueError(f"checkpoint_dir: {checkpoint_dir} holds checkpoints already "
+                             f"({[p.name for p in checkpoints(checkpoint_dir).values()]}); pass resume=True to "
+                             "continue that run, or another folder")
+        resumed = _resume_state(checkpoint_dir, steps, ranks) if resume else None
+        if ranks.index == 0:
+            for unfinished in checkpoint_dir.glob(f"{UNFINISHED_PREFIX}*"):  # cut short by a crash
+                shutil.rmtree(unfinished)
+        if resumed is not None:
+            last_checkpoint, state = resumed
+            load_checkpoint_into(module, last_checkpoint)
+            history, batches_to_skip = _restore_training_state(state, optimizer, dead, batches, device)
+            first_step = state["step"] + 1
     model = module
     gradient_bytes = 0
     if data_parallel_group is not None:
         model = torch.nn.parallel.DistributedDataParallel(module, process_group=data_parallel_group)
         gradient_bytes = sum(p.numel() * p.element_size() for p in parameters)
-    writes_checkpoints = data_parallel_group is None or torch.distributed.get_rank(data_parallel_group) == 0
     communication = getattr(module, "communication", None)
-    optimizer = torch.optim.Adam(parameters, lr=lr or default_learning_rate(module.num_latents))
-    device = next(module.parameters()).device
-    dead = DeadLatentCounter(module.num_latents, device)
-    history = TrainHistory()
-    display = ProgressDisplay(steps, module.num_latents) if progress else None
+    display = ProgressDisplay(steps, module.num_latents, first_step) if progress else None
     started, tokens_since_log = time.perf_counter(), 0
     batch_iter = iter(batches)
-    for step in range(1, steps + 1):
+    for _ in range(batches_to_skip):
+        next(batch_iter)
+    # The first step whose loss was not finite, kept on the device: checked (one sync)
+    # only where the loop waits for the device anyway.
+    never = steps + 1
+    nonfinite_step = torch.tensor(never, device=device)
+
+    def stop_if_nonfinite() -> None:
+        first = ranks.minimum(nonfinite_step)
+        if first < never:
+            where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
+                     else "no checkpoint was written before it")
+            raise FloatingPointError(f"train: the loss or the parameters became non-finite (NaN or inf) at step "
+                                     f"{first}; {where}")
+
+    for step in range(first_step, steps + 1):
         x, target = _split(next(batch_iter))
         if communication is not None:
             communication.reset()  # the history reports one step's bytes
@@ -195,6 +435,7 @@ def train(
         loss = out.fvu + auxk_coefficient * out.auxk_loss
         if isinstance(module, JumpReLUSAE):
             loss = loss + sparsity_coefficient * out.l0
+        nonfinite_step = torch.minimum(nonfinite_step, torch.where(loss.detach().isfinite(), never, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if normalize_decoder and module.normalizes_decoder:
@@ -210,6 +451,8 @@ def train(
 
         logging = step % log_every == 0 or step == steps
         showing = display is not None and display.status_due(step)
+        if logging:  # the last step always is
+            stop_if_nonfinite()
         if logging or showing:
             fvu, l0, dead_latents = out.fvu.item(), out.l0.item(), int(dead.dead_mask(dead_after_tokens).sum())
         if logging:
@@ -226,9 +469,12 @@ def train(
             started, tokens_since_log = time.perf_counter(), 0
         if showing:
             display.report(step, fvu, l0, dead_latents)
-        if checkpoint_dir is not None and step % checkpoint_every == 0 and writes_checkpoints:
-            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            module.save(Path(checkpoint_dir) / f"step_{step}{module.checkpoint_suffix}")
+        if checkpoint_dir is not None and step % checkpoint_every == 0:
+            parameters_finite = torch.stack([p.detach().isfinite().all() for p in parameters]).all()
+            nonfinite_step = torch.where(parameters_finite, nonfinite_step, nonfinite_step.clamp(max=step))
+            stop_if_nonfinite()
+            state = _training_state(step, ranks, optimizer, dead, history, batches, device)
+            last_checkpoint = _write_checkpoint(checkpoint_dir, step, module, state, ranks, keep_checkpoints)
     if display is not None:
         display.close()
     return history

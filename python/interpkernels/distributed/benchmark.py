@@ -21,7 +21,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from interpkernels.distributed.launch import torchrun_process_group
+from interpkernels.distributed.groups import torchrun_process_group
 from interpkernels.distributed.sharded import shard_latents
 from interpkernels.nn import TopKSAE
 from interpkernels.train import train

@@ -8,12 +8,15 @@ Every rank writes only its own rows (no rank ever holds the full
 dictionary); rank 0 also writes the replicated parameters (b_dec, W_skip)
 and, once all files are complete, the index. Loading reads, through
 safetensors' lazy slices, only the rows the loading rank holds, whatever
-world size wrote them.
+world size wrote them. Every file is fsynced before save_checkpoint returns,
+so a folder renamed into place afterwards (interpkernels.train's
+checkpoints) survives a crash whole.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -33,17 +36,26 @@ FORMAT = "interpkernels-latent-shards-1"
 
 
 def save_checkpoint(module: SparseCoder, directory: str | Path) -> None:
-    """Write `module` (sharded: collective over its group; else one shard) to `directory`."""
+    """Write `module` (sharded: collective over its group; else one shard) to `directory`.
+
+    The index goes last, atomically: a checkpoint overwritten in place loses its
+    old index first, so a write cut short leaves one that fails to load, never
+    one that loads wrong."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sharded = isinstance(module, LatentShards)
     world_size, rank = (dist.get_world_size(module.group), dist.get_rank(module.group)) if sharded else (1, 0)
+    if rank == 0:
+        (directory / INDEX).unlink(missing_ok=True)
+    if sharded:
+        dist.barrier(group=module.group)  # no shard is overwritten while an old index names it
     name = f"shard-{{:05d}}-of-{world_size:05d}.safetensors"
     tensors = {key: tensor.detach().contiguous() for key, tensor in module.state_dict().items()
                if is_latent_rows(key) or rank == 0}
     save_file(tensors, str(directory / name.format(rank)))
+    fsync(directory / name.format(rank))
     if sharded:
         dist.barrier(group=module.group)
     if rank == 0:
@@ -54,9 +66,22 @@ def save_checkpoint(module: SparseCoder, directory: str | Path) -> None:
         base = next(cls for cls in type(module).__mro__ if cls in MODULES.values())
         index = {"format": FORMAT, "class": base.__name__, "config": module.config,
                  "num_latents": module.num_latents, "shards": shards}
-        (directory / INDEX).write_text(json.dumps(index, indent=1))
+        unfinished = directory / f"{INDEX}.partial"
+        unfinished.write_text(json.dumps(index, indent=1))
+        fsync(unfinished)
+        os.replace(unfinished, directory / INDEX)
+        fsync(directory)
     if sharded:
         dist.barrier(group=module.group)  # the index exists on return, on every rank
+
+
+def fsync(path: Path) -> None:
+    """Flush `path` (a file or a folder's entries) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _read_index(directory: Path) -> dict:
@@ -106,3 +131,18 @@ def load_sharded_checkpoint(directory: str | Path, group: dist.ProcessGroup | No
     state = _read_state(directory, index, sharded.latent_slice, device)
     sharded.load_state_dict(state, assign=True)
     return sharded
+
+
+def load_checkpoint_into(module: SparseCoder, directory: str | Path) -> None:
+    """Copy a save_checkpoint directory's parameters into `module` (latent-sharded:
+    its rows only), in place; ValueError when the directory holds another class or
+    config (but the seed, which only drew the initial weights)."""
+    directory = Path(directory)
+    index = _read_index(directory)
+    base = next(cls for cls in type(module).__mro__ if cls in MODULES.values())
+    if index["class"] != base.__name__ or {**index["config"], "seed": None} != {**module.config, "seed": None}:
+        raise ValueError(f"directory: {directory} holds a {index['class']} {index['config']}, "
+                         f"not this {base.__name__} {module.config}")
+    latents = module.latent_slice if isinstance(module, LatentShards) else slice(0, module.num_latents)
+    device = next(module.parameters()).device
+    module.load_state_dict(_read_state(directory, index, latents, device))

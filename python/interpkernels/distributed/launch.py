@@ -8,19 +8,18 @@ shards (``--latent-shards S``). The S ranks of one replica hold the S slices
 of the dictionary and read the same batches; replicas read disjoint batches
 (every (R/S)-th batch of one shuffled stream of the raw float32 ``[tokens,
 d]`` file) and average gradients (DDP). NCCL on GPUs (rank i on cuda:LOCAL_RANK),
-gloo on CPUs. Checkpoints go to ``--out`` as sharded directories
-(interpkernels.distributed.checkpoint), loadable at any world size.
+gloo on CPUs. Checkpoints go to ``--out`` as ``step_<n>/`` folders (the
+module loadable at any world size by interpkernels.distributed.checkpoint,
+and each rank's training state); ``--resume`` continues from the newest one
+at the same mesh. A collective that waits longer than ``--timeout`` seconds
+for a rank (stopped, hung) ends the run with an error.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from interpkernels.distributed.checkpoint import save_checkpoint
+from interpkernels.distributed.groups import DEFAULT_TIMEOUT_SECONDS, torchrun_process_group
 from interpkernels.distributed.sharded import shard_latents
 from interpkernels.nn import BatchTopKSAE, JumpReLUSAE, TopKSAE
 from interpkernels.train import memmap_batches, train
@@ -51,55 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="initial weights and data order (same on every rank)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=1000)
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="the newest checkpoints kept in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --out (same flags, same mesh) to --steps")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
+                        help="seconds a collective waits for the other ranks before the run ends with an error "
+                             "(raise it if a checkpoint write takes longer)")
     parser.add_argument("--out", required=True, help="folder for checkpoints and history.json")
     return parser
 
 
-@contextlib.contextmanager
-def process_group(backend: str, **init_options) -> Iterator[None]:
-    """The default process group, destroyed on exit, so that the process exits cleanly.
-
-    torch.distributed.fsdp, once imported with a group alive (torch._dynamo
-    imports it, lazily: on the first meta-device decomposition, say), holds
-    the group in default arguments, so destroy_process_group cannot free it
-    and gloo's worker threads outlive the interpreter. A worker still
-    releasing the last collective's tensors then waits for the GIL while the
-    main thread finalises, and the rank dies with SIGABRT ("terminate called
-    without an active exception"; 1 exit in 3 of the 3-rank test on 2
-    cores). So torch._dynamo is imported before the group exists (it then
-    holds nothing, and destroying the group joins its threads), and a clean
-    exit first waits at a barrier, which releases the GIL until every earlier
-    collective is done. No barrier on an exception: other ranks may never
-    reach it.
-    """
-    import torch._dynamo  # noqa: F401  (see above: before init_process_group)
-
-    dist.init_process_group(backend, **init_options)
-    try:
-        yield
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def torchrun_process_group(program: str) -> Iterator[torch.device]:
-    """The default process group of a torchrun launch, destroyed on exit, and
-    this rank's device: NCCL and cuda:LOCAL_RANK with GPUs, else gloo on the
-    CPU. SystemExit naming `program` outside torchrun."""
-    if "RANK" not in os.environ:
-        raise SystemExit(f"{program}: run it under torchrun (e.g. torchrun --nproc-per-node 2 -m {program} ...)")
-    use_cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    with process_group("nccl" if use_cuda else "gloo"):
-        yield device
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    with torchrun_process_group("interpkernels train-distributed") as device:
+    with torchrun_process_group("interpkernels train-distributed", args.timeout) as device:
         run(args, device)
 
 
@@ -117,11 +81,12 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     if shards > 1:
         module = shard_latents(module, mesh.get_group("latent"))
     module = module.to(device)
-    stream = memmap_batches(args.data, args.width, args.batch_size, device=device, shuffle_seed=args.seed)
-    batches = itertools.islice(stream, replica, None, replicas)
+    batches = memmap_batches(args.data, args.width, args.batch_size, device=device, shuffle_seed=args.seed,
+                             stride=replicas, offset=replica)
     out = Path(args.out)
     history = train(module, batches, steps=args.steps, lr=args.lr, log_every=args.log_every,
-                    checkpoint_dir=out, checkpoint_every=args.checkpoint_every, progress=rank == 0,
+                    checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
+                    keep_checkpoints=args.keep_checkpoints, resume=args.resume, progress=rank == 0,
                     data_parallel_group=mesh.get_group("data") if replicas > 1 else None)
     if replica == 0:
         save_checkpoint(module, out / "final")

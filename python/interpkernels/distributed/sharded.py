@@ -172,14 +172,11 @@ class LatentShards:
         accumulate = torch.promote_types(partial.dtype, torch.float32)
         return sum_over_shards(partial.to(accumulate), self.group, self.communication).to(partial.dtype)
 
-    # train() names a checkpoint step_<n> plus this: a directory of shards.
-    checkpoint_suffix = ""
-
     def save(self, path) -> None:
-        """save_checkpoint to the directory `path` (collective over the group)."""
-        from interpkernels.distributed.checkpoint import save_checkpoint  # that module imports this one
-
-        save_checkpoint(self, path)
+        """Refused: one file cannot hold a dictionary no rank holds whole (SafetensorsModule.save
+        would write this rank's rows as if they were the module)."""
+        raise TypeError("save: a latent-sharded module is saved with "
+                        "interpkernels.distributed.save_checkpoint(module, directory), collectively")
 
     def gather_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded module's state dict (detached copies), on every rank of the group."""
