@@ -1,0 +1,74 @@
+"""circuit-tracer 0.5.0's side of the graph tests, run in its own environment
+(setup_helpers/circuit-tracer-env.sh) by tests/circuit_tracer_env.py. It
+imports circuit_tracer, torch, safetensors and yaml only, never interpkernels:
+whatever it writes comes from circuit-tracer's code alone.
+
+    python circuit_tracer_side.py read FOLDER INPUTS OUT DTYPE
+        FOLDER opened by load_transcoder_from_hub; OUT gets every layer's
+        parameters, and its activations and forward output on INPUTS' x{i}.
+    python circuit_tracer_side.py write FOLDER INPUTS OUT DTYPE SEED
+        Random per-layer transcoders built with circuit-tracer's classes (layer 0
+        JumpReLU with a skip, layer 1 JumpReLU, layer 2 ReLU) saved to FOLDER as
+        its cache does (to_safetensors, then config.yaml); OUT as for read.
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HOOKS = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
+
+
+def describe(transcoders, inputs: dict) -> dict:
+    """Parameters and outputs of circuit-tracer transcoders, as ``layer{i}.<name>`` tensors."""
+    out = {}
+    for layer, transcoder in enumerate(transcoders):
+        for name, tensor in transcoder.state_dict().items():
+            out[f"layer{layer}.{name}"] = tensor.contiguous()
+        x = inputs[f"x{layer}"].to(transcoder.dtype)
+        with torch.no_grad():
+            out[f"layer{layer}.activations"] = transcoder.encode(x).contiguous()
+            out[f"layer{layer}.reconstruction"] = transcoder(x).contiguous()
+    return out
+
+
+def read(folder: str, inputs: str, out: str, dtype: str) -> None:
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    transcoders, config = load_transcoder_from_hub(folder, device=torch.device("cpu"), dtype=DTYPES[dtype],
+                                                   lazy_decoder=False)
+    save_file(describe(transcoders, load_file(inputs)), out,
+              metadata={key: str(config[key]) for key in ("feature_input_hook", "feature_output_hook", "scan")})
+
+
+def write(folder: str, inputs: str, out: str, dtype: str, seed: str) -> None:
+    from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
+    from circuit_tracer.transcoder.activation_functions import JumpReLU
+
+    generator = torch.Generator().manual_seed(int(seed))
+    d_model, d_transcoder = 8, 24
+    layers = {}
+    for layer, (activation, skip) in enumerate([("jumprelu", True), ("jumprelu", False), ("relu", False)]):
+        function = (JumpReLU(torch.rand(d_transcoder, generator=generator, dtype=DTYPES[dtype]) * 0.5, 0.1)
+                    if activation == "jumprelu" else F.relu)
+        transcoder = SingleLayerTranscoder(d_model, d_transcoder, function, layer, skip_connection=skip,
+                                           device=torch.device("cpu"), dtype=DTYPES[dtype])
+        with torch.no_grad():
+            for parameter in (transcoder.W_enc, transcoder.W_dec, transcoder.b_enc, transcoder.b_dec,
+                              *([transcoder.W_skip] if skip else [])):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
+        layers[layer] = transcoder
+    transcoders = TranscoderSet(layers, scan="written-by-circuit-tracer", **HOOKS)
+    transcoders.to_safetensors(folder)
+    # What save_transcoders_to_cache writes after the layer files.
+    with open(f"{folder}/config.yaml", "w") as f:
+        yaml.dump({"model_kind": "transcoder_set", "scan": transcoders.scan, **HOOKS}, f)
+    save_file(describe(transcoders, load_file(inputs)), out)
+
+
+if __name__ == "__main__":
+    {"read": read, "write": write}[sys.argv[1]](*sys.argv[2:])
