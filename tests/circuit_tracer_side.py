@@ -10,7 +10,15 @@ whatever it writes comes from circuit-tracer's code alone.
         Random per-layer transcoders built with circuit-tracer's classes (layer 0
         JumpReLU with a skip, layer 1 JumpReLU, layer 2 ReLU) saved to FOLDER as
         its cache does (to_safetensors, then config.yaml); OUT as for read.
+    python circuit_tracer_side.py graph FOLDER OUT
+        circuit-tracer's attribute() on the TransformerLens model of
+        FOLDER/config.json (HookedTransformerConfig keywords, plus "dtype" and
+        attribute()'s keywords under "attribute") with the parameters of
+        FOLDER/model.safetensors, the transcoders of FOLDER/transcoders and the
+        prompt FOLDER/tokens.safetensors ("tokens", BOS first); OUT gets the Graph's tensors.
 """
+
+import json
 
 import sys
 
@@ -70,5 +78,45 @@ def write(folder: str, inputs: str, out: str, dtype: str, seed: str) -> None:
     save_file(describe(transcoders, load_file(inputs)), out)
 
 
+def word_level_tokenizer(vocabulary_size: int, folder: str):
+    """A tokenizer for the test's vocabulary, built here (no download; token 0 is
+    BOS) and loaded from a folder, as TransformerLens reloads it by name."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocabulary = {"<bos>": 0, **{f"w{i}": i for i in range(1, vocabulary_size)}}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocabulary, unk_token="w1")),
+                            bos_token="<bos>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def graph(folder: str, out: str) -> None:
+    from circuit_tracer import ReplacementModel, attribute
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+    from transformer_lens import HookedTransformerConfig
+
+    config = json.loads(open(f"{folder}/config.json").read())
+    dtype = DTYPES[config.pop("dtype")]
+    attribute_options = config.pop("attribute")
+    # attribute() allocates its edge matrix in the default dtype.
+    torch.set_default_dtype(dtype)
+    transcoders, _ = load_transcoder_from_hub(f"{folder}/transcoders", device=torch.device("cpu"), dtype=dtype,
+                                              lazy_decoder=False)
+    model = ReplacementModel.from_config(HookedTransformerConfig(**config, dtype=dtype, device="cpu"), transcoders,
+                                         backend="transformerlens", tokenizer=word_level_tokenizer(config["d_vocab"], f"{out}.tokenizer"))
+    # The replacement model wraps each MLP (mlp.old_mlp) and the unembedding (unembed.old_unembed).
+    parameters = {name.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed."): tensor
+                  for name, tensor in load_file(f"{folder}/model.safetensors").items()}
+    missing, unexpected = model.load_state_dict(parameters, strict=False)
+    assert not unexpected and all(name.endswith((".mask", ".IGNORE")) or name.startswith("transcoders.")
+                                  for name in missing), (missing, unexpected)
+    result = attribute(load_file(f"{folder}/tokens.safetensors")["tokens"], model, **attribute_options)
+    tensors = {"adjacency": result.adjacency_matrix, "active_features": result.active_features,
+               "activation_values": result.activation_values, "selected_features": result.selected_features,
+               "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities}
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, out)
+
+
 if __name__ == "__main__":
-    {"read": read, "write": write}[sys.argv[1]](*sys.argv[2:])
+    {"read": read, "write": write, "graph": graph}[sys.argv[1]](*sys.argv[2:])

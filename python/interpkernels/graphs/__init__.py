@@ -1,10 +1,13 @@
 """Attribution graphs (circuit tracing) on interpkernels' transcoders.
 
-So far: circuit-tracer's on-disk transcoder format, read and written
-(:func:`load_transcoders`, :func:`save_transcoders`), so transcoders move
-between circuit-tracer and interpkernels unchanged.
+- circuit-tracer's on-disk transcoder format, read and written
+  (:func:`load_transcoders`, :func:`save_transcoders`), so transcoders move
+  between circuit-tracer and interpkernels unchanged;
+- :func:`attribution_graph`: circuit-tracer's unpruned graph of a prompt on a
+  GPT-2-style TransformerLens model with per-layer transcoders (no skip).
 """
 
+from interpkernels.graphs.attribution import AttributionGraph, attribution_graph
 from interpkernels.graphs.transcoders import TranscoderSet, load_transcoders, save_transcoders
 
-__all__ = ["TranscoderSet", "load_transcoders", "save_transcoders"]
+__all__ = ["AttributionGraph", "TranscoderSet", "attribution_graph", "load_transcoders", "save_transcoders"]
