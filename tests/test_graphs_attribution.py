@@ -20,19 +20,24 @@ from interpkernels.nn import JumpReLUTranscoder
 
 transformer_lens = pytest.importorskip("transformer_lens")
 
-CONFIG = dict(n_layers=3, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=24, act_fn="gelu_new",
-              normalization_type="LN", positional_embedding_type="standard")
+CONFIG = dict(n_layers=3, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=24)
+ARCHITECTURES = {
+    "gpt2": dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"),
+    "llama": dict(act_fn="silu", normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
+                  rotary_dim=4, gated_mlp=True),
+}
 LATENTS = 40
 TOKENS = torch.tensor([0, 5, 9, 3, 17, 5, 2])  # 0 is BOS
 OPTIONS = dict(max_n_logits=5, desired_logit_prob=0.8, batch_size=16)
 
 
-def random_case(dtype: torch.dtype, seed: int = 0):
-    """A GPT-2-style HookedTransformer with random weights and random JumpReLU
+def random_case(dtype: torch.dtype, architecture: str = "gpt2", seed: int = 0):
+    """A HookedTransformer (GPT-2 style: LayerNorm, learned positions; Llama
+    style: RMSNorm, rotary, gated MLP) with random weights and random JumpReLU
     transcoders with about a third of their latents active."""
     torch.manual_seed(seed)
     model = transformer_lens.HookedTransformer(transformer_lens.HookedTransformerConfig(
-        **CONFIG, seed=seed, dtype=dtype, device="cpu"))
+        **CONFIG, **ARCHITECTURES[architecture], seed=seed, dtype=dtype, device="cpu"))
     layers = []
     for layer in range(CONFIG["n_layers"]):
         transcoder = JumpReLUTranscoder(CONFIG["d_model"], LATENTS, LATENTS, seed=layer)
@@ -94,9 +99,10 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
     return adjacency
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_every_edge_is_a_frozen_intervention(dtype):
-    model, transcoders = random_case(dtype)
+def test_every_edge_is_a_frozen_intervention(dtype, architecture):
+    model, transcoders = random_case(dtype, architecture)
     graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
     assert graph.n_features > 20 and graph.adjacency._nnz() > 500, "too few nodes or edges to check anything"
     want = frozen_intervention_adjacency(model, transcoders, graph)
@@ -109,14 +115,16 @@ def test_every_edge_is_a_frozen_intervention(dtype):
     assert bool((graph.active_features[:, 1] > 0).all())
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_graph_equals_circuit_tracers_attribute(dtype, tmp_path):
-    model, transcoders = random_case(dtype, seed=1)
+def test_graph_equals_circuit_tracers_attribute(dtype, architecture, tmp_path):
+    model, transcoders = random_case(dtype, architecture, seed=1)
     save_transcoders(transcoders, tmp_path / "transcoders")
     save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, tmp_path / "model.safetensors")
     save_file({"tokens": TOKENS}, tmp_path / "tokens.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(
-        {**CONFIG, "seed": 1, "dtype": str(dtype).removeprefix("torch."), "attribute": OPTIONS}))
+        {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
+         "attribute": OPTIONS}))
     run_circuit_tracer("graph", tmp_path, tmp_path / "theirs.safetensors")
     theirs = load_file(tmp_path / "theirs.safetensors")
 

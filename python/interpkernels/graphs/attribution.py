@@ -211,7 +211,8 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
                       max_n_logits: int = 10, desired_logit_prob: float = 0.95,
                       batch_size: int = 64) -> AttributionGraph:
     """The attribution graph of `tokens` (1-D, BOS first) on a TransformerLens
-    ``HookedTransformer`` (GPT-2 style: LayerNorm, learned positions) with one
+    ``HookedTransformer`` (tested: GPT-2 style, LayerNorm and learned
+    positions; Llama style, RMSNorm, rotary and gated MLP) with one
     per-layer transcoder per layer (no skip connection), reading the MLP's
     input and writing its output; equal to circuit-tracer 0.5.0's
     ``attribute(tokens, ReplacementModel(model, transcoders),
