@@ -10,12 +10,13 @@ whatever it writes comes from circuit-tracer's code alone.
         Random per-layer transcoders built with circuit-tracer's classes (layer 0
         JumpReLU with a skip, layer 1 JumpReLU, layer 2 ReLU) saved to FOLDER as
         its cache does (to_safetensors, then config.yaml); OUT as for read.
-    python circuit_tracer_side.py graph FOLDER OUT
-        circuit-tracer's attribute() on the TransformerLens model of
-        FOLDER/config.json (HookedTransformerConfig keywords, plus "dtype" and
-        attribute()'s keywords under "attribute") with the parameters of
-        FOLDER/model.safetensors, the transcoders of FOLDER/transcoders and the
-        prompt FOLDER/tokens.safetensors ("tokens", BOS first); OUT gets the Graph's tensors.
+    python circuit_tracer_side.py graph FOLDER...
+        For each FOLDER, circuit-tracer's attribute() on the TransformerLens
+        model of FOLDER/config.json (HookedTransformerConfig keywords, plus
+        "dtype" and attribute()'s keywords under "attribute") with the
+        parameters of FOLDER/model.safetensors, the transcoders of
+        FOLDER/transcoders and the prompt FOLDER/tokens.safetensors ("tokens",
+        BOS first); FOLDER/theirs.safetensors gets the Graph's tensors.
 """
 
 import json
@@ -91,7 +92,12 @@ def word_level_tokenizer(vocabulary_size: int, folder: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def graph(folder: str, out: str) -> None:
+def graphs(*folders: str) -> None:
+    for folder in folders:
+        graph(folder)
+
+
+def graph(folder: str) -> None:
     from circuit_tracer import ReplacementModel, attribute
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
     from transformer_lens import HookedTransformerConfig
@@ -104,7 +110,7 @@ def graph(folder: str, out: str) -> None:
     transcoders, _ = load_transcoder_from_hub(f"{folder}/transcoders", device=torch.device("cpu"), dtype=dtype,
                                               lazy_decoder=False)
     model = ReplacementModel.from_config(HookedTransformerConfig(**config, dtype=dtype, device="cpu"), transcoders,
-                                         backend="transformerlens", tokenizer=word_level_tokenizer(config["d_vocab"], f"{out}.tokenizer"))
+                                         backend="transformerlens", tokenizer=word_level_tokenizer(config["d_vocab"], f"{folder}/tokenizer"))
     # The replacement model wraps each MLP (mlp.old_mlp) and the unembedding (unembed.old_unembed).
     parameters = {name.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed."): tensor
                   for name, tensor in load_file(f"{folder}/model.safetensors").items()}
@@ -117,8 +123,8 @@ def graph(folder: str, out: str) -> None:
     tensors = {"adjacency": result.adjacency_matrix, "active_features": result.active_features,
                "activation_values": result.activation_values, "selected_features": result.selected_features,
                "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities}
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, out)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, f"{folder}/theirs.safetensors")
 
 
 if __name__ == "__main__":
-    {"read": read, "write": write, "graph": graph}[sys.argv[1]](*sys.argv[2:])
+    {"read": read, "write": write, "graph": graphs}[sys.argv[1]](*sys.argv[2:])

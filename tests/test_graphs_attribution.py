@@ -26,6 +26,7 @@ ARCHITECTURES = {
     "llama": dict(act_fn="silu", normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
                   rotary_dim=4, gated_mlp=True),
 }
+DTYPES = [torch.float64, torch.float32]
 LATENTS = 40
 TOKENS = torch.tensor([0, 5, 9, 3, 17, 5, 2])  # 0 is BOS
 OPTIONS = dict(max_n_logits=5, desired_logit_prob=0.8, batch_size=16)
@@ -100,7 +101,7 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_edge_is_a_frozen_intervention(dtype, architecture):
     model, transcoders = random_case(dtype, architecture)
     graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
@@ -115,20 +116,33 @@ def test_every_edge_is_a_frozen_intervention(dtype, architecture):
     assert bool((graph.active_features[:, 1] > 0).all())
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_graph_equals_circuit_tracers_attribute(dtype, architecture, tmp_path):
-    model, transcoders = random_case(dtype, architecture, seed=1)
-    save_transcoders(transcoders, tmp_path / "transcoders")
-    save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, tmp_path / "model.safetensors")
-    save_file({"tokens": TOKENS}, tmp_path / "tokens.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(
-        {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
-         "attribute": OPTIONS}))
-    run_circuit_tracer("graph", tmp_path, tmp_path / "theirs.safetensors")
-    theirs = load_file(tmp_path / "theirs.safetensors")
+@pytest.fixture(scope="module")
+def circuit_tracer_graphs(tmp_path_factory) -> dict:
+    """circuit-tracer's attribute() on every case (architecture, dtype), in one
+    run of its environment (which takes ~15 s to start): the folder of each."""
+    folders = {}
+    for architecture in ARCHITECTURES:
+        for dtype in DTYPES:
+            folder = folders[architecture, dtype] = tmp_path_factory.mktemp(f"{architecture}-{dtype}")
+            model, transcoders = random_case(dtype, architecture, seed=1)
+            save_transcoders(transcoders, folder / "transcoders")
+            save_file({name: p.detach().contiguous() for name, p in model.named_parameters()},
+                      folder / "model.safetensors")
+            save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
+            (folder / "config.json").write_text(json.dumps(
+                {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
+                 "attribute": OPTIONS}))
+    run_circuit_tracer("graph", *folders.values())
+    return folders
 
-    ours = attribution_graph(model, load_transcoders(tmp_path / "transcoders"), TOKENS, **OPTIONS)
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_graph_equals_circuit_tracers_attribute(dtype, architecture, circuit_tracer_graphs):
+    folder = circuit_tracer_graphs[architecture, dtype]
+    theirs = load_file(folder / "theirs.safetensors")
+    model, _ = random_case(dtype, architecture, seed=1)
+    ours = attribution_graph(model, load_transcoders(folder / "transcoders"), TOKENS, **OPTIONS)
     assert torch.equal(ours.active_features, theirs["active_features"])
     assert torch.equal(ours.selected_features, theirs["selected_features"])
     assert torch.equal(ours.logit_tokens, theirs["logit_tokens"])
