@@ -8,6 +8,7 @@
   remove one source, read every target's change).
 """
 
+import itertools
 import json
 
 import pytest
@@ -32,16 +33,17 @@ TOKENS = torch.tensor([0, 5, 9, 3, 17, 5, 2])  # 0 is BOS
 OPTIONS = dict(max_n_logits=5, desired_logit_prob=0.8, batch_size=16)
 
 
-def random_case(dtype: torch.dtype, architecture: str = "gpt2", seed: int = 0):
+def random_case(dtype: torch.dtype, architecture: str = "gpt2", skip: bool = False, seed: int = 0):
     """A HookedTransformer (GPT-2 style: LayerNorm, learned positions; Llama
     style: RMSNorm, rotary, gated MLP) with random weights and random JumpReLU
-    transcoders with about a third of their latents active."""
+    transcoders (with a skip connection or not) with about a third of their
+    latents active."""
     torch.manual_seed(seed)
     model = transformer_lens.HookedTransformer(transformer_lens.HookedTransformerConfig(
         **CONFIG, **ARCHITECTURES[architecture], seed=seed, dtype=dtype, device="cpu"))
     layers = []
     for layer in range(CONFIG["n_layers"]):
-        transcoder = JumpReLUTranscoder(CONFIG["d_model"], LATENTS, LATENTS, seed=layer)
+        transcoder = JumpReLUTranscoder(CONFIG["d_model"], LATENTS, LATENTS, skip=skip, seed=layer)
         with torch.no_grad():
             for parameter in transcoder.parameters():
                 parameter.copy_(torch.randn(parameter.shape) * 0.5)
@@ -55,7 +57,9 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
     error, token), a forward pass with attention patterns, LayerNorm scales and
     MLP outputs frozen at their values on the prompt and that source's vector
     removed; edge = minus the change of each target's pre-activation
-    (encoder row . MLP input) or de-meaned logit. One batch member per source."""
+    (encoder row . MLP input) or de-meaned logit. A skip connection stays live:
+    its MLP output moves by ``W_skip`` times its input's change (circuit-tracer's
+    setup_intervention_with_freeze). One batch member per source."""
     n_layers, n_pos = CONFIG["n_layers"], TOKENS.shape[0]
     frozen_names = [name for name in model.hook_dict if name.endswith(("hook_pattern", "hook_scale", "hook_mlp_out"))]
     read_names = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(n_layers)] + ["ln_final.hook_normalized"]
@@ -72,14 +76,23 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
                         for position in range(n_pos)]
         sources += [("hook_embed", position, cache["hook_embed"][0, position]) for position in range(n_pos)]
 
+        mlp_inputs = {}
+
+        def record_mlp_input(acts, hook):
+            mlp_inputs[hook.layer()] = acts
+
         def removed(acts, hook):
             value = cache[hook.name].expand(len(sources), *cache[hook.name].shape[1:]).clone()
             for member, (name, position, vector) in enumerate(sources):
                 if name == hook.name:
                     value[member, position] -= vector
+            if hook.name.endswith("hook_mlp_out") and transcoders[hook.layer()].W_skip is not None:
+                moved = mlp_inputs[hook.layer()] - cache[f"blocks.{hook.layer()}.ln2.hook_normalized"]
+                value += moved @ transcoders[hook.layer()].W_skip.T
             return value
 
         hooks = [(name, removed) for name in frozen_names + ["hook_embed"]]
+        hooks += [(name, record_mlp_input) for name in read_names[:-1]]
         with model.hooks(fwd_hooks=hooks):
             _, runs = model.run_with_cache(TOKENS[None].expand(len(sources), -1), names_filter=read_names)
 
@@ -100,10 +113,11 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
     return adjacency
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_edge_is_a_frozen_intervention(dtype, architecture):
-    model, transcoders = random_case(dtype, architecture)
+def test_every_edge_is_a_frozen_intervention(dtype, architecture, skip):
+    model, transcoders = random_case(dtype, architecture, skip)
     graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
     assert graph.n_features > 20 and graph.adjacency._nnz() > 500, "too few nodes or edges to check anything"
     want = frozen_intervention_adjacency(model, transcoders, graph)
@@ -118,35 +132,35 @@ def test_every_edge_is_a_frozen_intervention(dtype, architecture):
 
 @pytest.fixture(scope="module")
 def circuit_tracer_graphs(tmp_path_factory) -> dict:
-    """circuit-tracer's attribute() on every case (architecture, dtype), in one
-    run of its environment (which takes ~15 s to start): the folder of each."""
+    """circuit-tracer's attribute() on every case (architecture, dtype, skip),
+    in one run of its environment (which takes ~15 s to start): the folder of each."""
     folders = {}
-    for architecture in ARCHITECTURES:
-        for dtype in DTYPES:
-            folder = folders[architecture, dtype] = tmp_path_factory.mktemp(f"{architecture}-{dtype}")
-            model, transcoders = random_case(dtype, architecture, seed=1)
-            save_transcoders(transcoders, folder / "transcoders")
-            save_file({name: p.detach().contiguous() for name, p in model.named_parameters()},
-                      folder / "model.safetensors")
-            save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
-            (folder / "config.json").write_text(json.dumps(
-                {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
-                 "attribute": OPTIONS}))
+    for architecture, dtype, skip in itertools.product(ARCHITECTURES, DTYPES, [False, True]):
+        folder = folders[architecture, dtype, skip] = tmp_path_factory.mktemp(f"{architecture}-{dtype}-{skip}")
+        model, transcoders = random_case(dtype, architecture, skip, seed=1)
+        save_transcoders(transcoders, folder / "transcoders")
+        save_file({name: p.detach().contiguous() for name, p in model.named_parameters()},
+                  folder / "model.safetensors")
+        save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
+        (folder / "config.json").write_text(json.dumps(
+            {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
+             "attribute": OPTIONS}))
     run_circuit_tracer("graph", *folders.values())
     return folders
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_graph_equals_circuit_tracers_attribute(dtype, architecture, circuit_tracer_graphs):
-    folder = circuit_tracer_graphs[architecture, dtype]
+def test_graph_equals_circuit_tracers_attribute(dtype, architecture, skip, circuit_tracer_graphs):
+    folder = circuit_tracer_graphs[architecture, dtype, skip]
     theirs = load_file(folder / "theirs.safetensors")
-    model, _ = random_case(dtype, architecture, seed=1)
+    model, _ = random_case(dtype, architecture, skip, seed=1)
     ours = attribution_graph(model, load_transcoders(folder / "transcoders"), TOKENS, **OPTIONS)
     assert torch.equal(ours.active_features, theirs["active_features"])
     assert torch.equal(ours.selected_features, theirs["selected_features"])
     assert torch.equal(ours.logit_tokens, theirs["logit_tokens"])
-    tolerance = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=0, atol=1e-6)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.activation_values, theirs["activation_values"], **tolerance)
     torch.testing.assert_close(ours.logit_probabilities, theirs["logit_probabilities"], **tolerance)
     want = theirs["adjacency"]
@@ -164,9 +178,6 @@ def test_bad_arguments_name_themselves():
         attribution_graph(model, transcoders.transcoders[:2], TOKENS)
     with pytest.raises(ValueError, match="transcoders: read 'hook_resid_mid'"):
         attribution_graph(model, TranscoderSet(transcoders.transcoders, "hook_resid_mid", "hook_mlp_out"), TOKENS)
-    skip = JumpReLUTranscoder(CONFIG["d_model"], LATENTS, LATENTS, skip=True, seed=0)
-    with pytest.raises(NotImplementedError, match=r"transcoders\[1\]: transcoders with a skip connection"):
-        attribution_graph(model, [transcoders[0], skip, transcoders[2]], TOKENS)
     with pytest.raises(TypeError, match=r"transcoders\[0\]: expected an interpkernels Transcoder"):
         attribution_graph(model, [object(), transcoders[1], transcoders[2]], TOKENS)
     with pytest.raises(ValueError, match="tokens: expected a 1-D"):

@@ -4,7 +4,7 @@
   (:func:`load_transcoders`, :func:`save_transcoders`), so transcoders move
   between circuit-tracer and interpkernels unchanged;
 - :func:`attribution_graph`: circuit-tracer's unpruned graph of a prompt on a
-  TransformerLens model (GPT-2 or Llama style) with per-layer transcoders (no skip).
+  TransformerLens model (GPT-2 or Llama style) with per-layer transcoders.
 """
 
 from interpkernels.graphs.attribution import AttributionGraph, attribution_graph

@@ -101,19 +101,19 @@ def _check_transcoders(transcoders: TranscoderSet | Sequence[Transcoder], n_laye
         if not isinstance(transcoder, Transcoder):
             raise TypeError(f"transcoders[{layer}]: expected an interpkernels Transcoder, "
                             f"got {type(transcoder).__name__}")
-        if transcoder.W_skip is not None:
-            raise NotImplementedError(f"transcoders[{layer}]: transcoders with a skip connection are not "
-                                      "supported yet")
     return layers
 
 
-def _frozen_forward(model, tokens: torch.Tensor, n_layers: int):
+def _frozen_forward(model, tokens: torch.Tensor, per_layer: list[Transcoder]):
     """One forward pass of the local replacement model's linear skeleton.
 
     Returns the logits, the MLP inputs (attached to the graph), the MLP outputs
-    (leaves: gradients stop there, as at a replaced MLP), the token embeddings
-    (a leaf) and the unembedding's input (attached).
+    (leaves: gradients stop there, as at a replaced MLP, except through a
+    transcoder's skip connection, which circuit-tracer keeps linear: the
+    output is ``leaf + skip(x) - skip(x).detach()``), the token embeddings (a
+    leaf) and the unembedding's input (attached).
     """
+    n_layers = len(per_layer)
     mlp_inputs: list[torch.Tensor | None] = [None] * n_layers
     mlp_outputs: list[torch.Tensor | None] = [None] * n_layers
     leaves: dict[str, torch.Tensor] = {}
@@ -127,7 +127,10 @@ def _frozen_forward(model, tokens: torch.Tensor, n_layers: int):
 
     def cut_output(acts, hook, layer):
         mlp_outputs[layer] = acts.detach().requires_grad_()
-        return mlp_outputs[layer]
+        if per_layer[layer].W_skip is None:
+            return mlp_outputs[layer]
+        skip = mlp_inputs[layer] @ per_layer[layer].W_skip.T
+        return mlp_outputs[layer] + (skip - skip.detach())
 
     def cut_embedding(acts, hook):
         leaves["embedding"] = acts.detach().requires_grad_()
@@ -213,7 +216,7 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
     """The attribution graph of `tokens` (1-D, BOS first) on a TransformerLens
     ``HookedTransformer`` (tested: GPT-2 style, LayerNorm and learned
     positions; Llama style, RMSNorm, rotary and gated MLP) with one
-    per-layer transcoder per layer (no skip connection), reading the MLP's
+    per-layer transcoder per layer (with or without a skip connection), reading the MLP's
     input and writing its output; equal to circuit-tracer 0.5.0's
     ``attribute(tokens, ReplacementModel(model, transcoders),
     max_n_logits=..., desired_logit_prob=...)`` with every feature's row
@@ -231,7 +234,7 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     n_pos = tokens.shape[0]
 
-    final_logits, mlp_inputs, mlp_outputs, embedding, unembedding_input = _frozen_forward(model, tokens, n_layers)
+    final_logits, mlp_inputs, mlp_outputs, embedding, unembedding_input = _frozen_forward(model, tokens, per_layer)
     codes = [_layer_code(transcoder, mlp_inputs[layer][0].detach(), mlp_outputs[layer][0].detach())
              for layer, transcoder in enumerate(per_layer)]
     logit_tokens, logit_probabilities, logit_vectors = _salient_logits(
