@@ -13,10 +13,11 @@ whatever it writes comes from circuit-tracer's code alone.
     python circuit_tracer_side.py graph FOLDER...
         For each FOLDER, circuit-tracer's attribute() on the TransformerLens
         model of FOLDER/config.json (HookedTransformerConfig keywords, plus
-        "dtype" and attribute()'s keywords under "attribute") with the
+        "dtype", attribute()'s keywords under "attribute", a list of prune_graph()'s under "prune") with the
         parameters of FOLDER/model.safetensors, the transcoders of
         FOLDER/transcoders and the prompt FOLDER/tokens.safetensors ("tokens",
-        BOS first); FOLDER/theirs.safetensors gets the Graph's tensors.
+        BOS first); FOLDER/theirs.safetensors gets the Graph's tensors, the
+        masks and cumulative scores of prune_graph() and compute_graph_scores().
 """
 
 import json
@@ -99,12 +100,13 @@ def graphs(*folders: str) -> None:
 
 def graph(folder: str) -> None:
     from circuit_tracer import ReplacementModel, attribute
+    from circuit_tracer.graph import compute_graph_scores, prune_graph
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
     from transformer_lens import HookedTransformerConfig
 
     config = json.loads(open(f"{folder}/config.json").read())
     dtype = DTYPES[config.pop("dtype")]
-    attribute_options = config.pop("attribute")
+    attribute_options, prune_options = config.pop("attribute"), config.pop("prune")
     # attribute() allocates its edge matrix in the default dtype.
     torch.set_default_dtype(dtype)
     transcoders, _ = load_transcoder_from_hub(f"{folder}/transcoders", device=torch.device("cpu"), dtype=dtype,
@@ -122,7 +124,12 @@ def graph(folder: str) -> None:
     result = attribute(load_file(f"{folder}/tokens.safetensors")["tokens"], model, **attribute_options)
     tensors = {"adjacency": result.adjacency_matrix, "active_features": result.active_features,
                "activation_values": result.activation_values, "selected_features": result.selected_features,
-               "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities}
+               "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities,
+               "scores": torch.tensor(compute_graph_scores(result), dtype=torch.float64)}
+    for index, options in enumerate(prune_options):
+        pruned = prune_graph(result, **options)
+        tensors |= {f"node_mask{index}": pruned.node_mask, f"edge_mask{index}": pruned.edge_mask,
+                    f"cumulative_scores{index}": pruned.cumulative_scores}
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, f"{folder}/theirs.safetensors")
 
 

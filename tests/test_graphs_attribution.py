@@ -16,7 +16,7 @@ import torch
 from circuit_tracer_env import run_circuit_tracer
 from safetensors.torch import load_file, save_file
 
-from interpkernels.graphs import TranscoderSet, attribution_graph, load_transcoders, save_transcoders
+from interpkernels.graphs import TranscoderSet, attribution_graph, load_transcoders, pruning, save_transcoders
 from interpkernels.nn import JumpReLUTranscoder
 
 transformer_lens = pytest.importorskip("transformer_lens")
@@ -31,6 +31,9 @@ DTYPES = [torch.float64, torch.float32]
 LATENTS = 40
 TOKENS = torch.tensor([0, 5, 9, 3, 17, 5, 2])  # 0 is BOS
 OPTIONS = dict(max_n_logits=5, desired_logit_prob=0.8, batch_size=16)
+# circuit-tracer's defaults, and an edge threshold at which dropping nodes left
+# without incoming or outgoing edges removes some (checked: 67 -> 50 nodes).
+PRUNINGS = [dict(node_threshold=0.8, edge_threshold=0.98), dict(node_threshold=0.8, edge_threshold=0.7)]
 
 
 def random_case(dtype: torch.dtype, architecture: str = "gpt2", skip: bool = False, seed: int = 0):
@@ -144,7 +147,7 @@ def circuit_tracer_graphs(tmp_path_factory) -> dict:
         save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
         (folder / "config.json").write_text(json.dumps(
             {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
-             "attribute": OPTIONS}))
+             "attribute": OPTIONS, "prune": PRUNINGS}))
     run_circuit_tracer("graph", *folders.values())
     return folders
 
@@ -171,6 +174,15 @@ def test_graph_equals_circuit_tracers_attribute(dtype, architecture, skip, circu
     # The same edges exist: none of theirs is missing here beyond rounding.
     assert ((want != 0) & (got == 0)).sum() == 0
 
+    torch.testing.assert_close(torch.tensor(ours.scores(), dtype=torch.float64), theirs["scores"], **tolerance)
+    for index, options in enumerate(PRUNINGS):
+        pruned = ours.prune(**options)
+        assert torch.equal(pruned.node_mask, theirs[f"node_mask{index}"])
+        # Their mask covers every entry of their dense matrix; the kept non-zero edges are the comparable part.
+        assert torch.equal(pruned.edges.to_dense() != 0, theirs[f"edge_mask{index}"] & (want != 0))
+        assert 0 < pruned.edges._nnz() < ours.adjacency._nnz() and not bool(pruned.node_mask.all())
+        torch.testing.assert_close(pruned.cumulative_scores, theirs[f"cumulative_scores{index}"], **tolerance)
+
 
 def test_bad_arguments_name_themselves():
     model, transcoders = random_case(torch.float32)
@@ -184,3 +196,23 @@ def test_bad_arguments_name_themselves():
         attribution_graph(model, transcoders, TOKENS[None])
     with pytest.raises(ValueError, match="batch_size: expected >= 1"):
         attribution_graph(model, transcoders, TOKENS, batch_size=0)
+
+
+def test_influence_is_the_power_series_of_the_normalized_adjacency():
+    """circuit-tracer's compute_influence: w (A + A^2 + ...) = w ((I - A)^-1 - I)
+    for the row-normalised |A| of an acyclic graph."""
+    torch.manual_seed(0)
+    n = 30
+    dense = torch.randn(n, n, dtype=torch.float64) * (torch.rand(n, n) < 0.3)
+    dense = dense.tril(-1)  # acyclic: every edge runs from a lower-numbered source to a higher target
+    normalized = pruning.row_normalized(dense.to_sparse())
+    magnitudes = dense.abs()
+    want_normalized = magnitudes / magnitudes.sum(1, keepdim=True).clamp(min=1e-10)
+    torch.testing.assert_close(normalized.to_dense(), want_normalized)
+    weights = torch.zeros(n, dtype=torch.float64)
+    weights[-3:] = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    want = weights @ (torch.linalg.inv(torch.eye(n, dtype=torch.float64) - want_normalized) - torch.eye(n))
+    torch.testing.assert_close(pruning.influence(normalized, weights), want)
+    with pytest.raises(RuntimeError, match="cycle"):
+        pruning.influence(pruning.row_normalized(torch.ones(3, 3, dtype=torch.float64).to_sparse()),
+                          torch.ones(3, dtype=torch.float64), max_iter=50)

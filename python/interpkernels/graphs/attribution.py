@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from interpkernels.graphs import pruning
+from interpkernels.graphs.pruning import PrunedGraph
 from interpkernels.graphs.transcoders import DEFAULT_INPUT_HOOK, DEFAULT_OUTPUT_HOOK, TranscoderSet
 from interpkernels.nn import Transcoder
 
@@ -73,6 +75,14 @@ class AttributionGraph:
 
     def logit_node(self, index: int) -> int:
         return self.adjacency.shape[0] - self.logit_tokens.shape[0] + index
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PrunedGraph:
+        """circuit-tracer's prune_graph, on the sparse adjacency (interpkernels.graphs.pruning.prune)."""
+        return pruning.prune(self, node_threshold, edge_threshold)
+
+    def scores(self) -> tuple[float, float]:
+        """(replacement, completeness), circuit-tracer's compute_graph_scores."""
+        return pruning.scores(self)
 
 
 @dataclass
