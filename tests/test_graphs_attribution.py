@@ -216,3 +216,13 @@ def test_influence_is_the_power_series_of_the_normalized_adjacency():
     with pytest.raises(RuntimeError, match="cycle"):
         pruning.influence(pruning.row_normalized(torch.ones(3, 3, dtype=torch.float64).to_sparse()),
                           torch.ones(3, dtype=torch.float64), max_iter=50)
+
+
+def test_a_layer_without_active_features():
+    model, transcoders = random_case(torch.float64)
+    with torch.no_grad():
+        transcoders[1].threshold.fill_(1e6)
+    graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
+    assert graph.n_features > 0 and not bool((graph.active_features[:, 0] == 1).any())
+    want = frozen_intervention_adjacency(model, transcoders, graph)
+    assert (graph.adjacency.to_dense() - want).abs().max() <= 1e-10 * want.abs().max()

@@ -87,14 +87,18 @@ class AttributionGraph:
 
 @dataclass
 class _LayerCode:
-    """Active features of one layer: positions, latents, values, scaled decoder rows, encoder rows."""
+    """Active features of one layer, sorted by (position, latent)."""
 
-    positions: torch.Tensor
-    latents: torch.Tensor
-    values: torch.Tensor
-    scaled_decoders: torch.Tensor
-    encoders: torch.Tensor
+    positions: torch.Tensor  # [n]
+    latents: torch.Tensor  # [n]
+    values: torch.Tensor  # [n] activations
+    scaled_decoders: torch.Tensor  # [n, d]: activation times decoder row
+    encoders: torch.Tensor  # [n, d]
     errors: torch.Tensor  # [n_pos, d]: MLP output less the reconstruction, zero at BOS
+    # The features of each position as gathered_dot's indices: [n_pos, most at one
+    # position], padded with 0; feature i sits at flat slot position_slots[i].
+    slots: torch.Tensor
+    position_slots: torch.Tensor
 
 
 def _check_transcoders(transcoders: TranscoderSet | Sequence[Transcoder], n_layers: int) -> list[Transcoder]:
@@ -173,8 +177,14 @@ def _layer_code(transcoder: Transcoder, mlp_input: torch.Tensor, mlp_output: tor
         latents = indices[positions, slots]
         order = torch.argsort(positions * transcoder.num_latents + latents)
         positions, latents, active = positions[order], latents[order], values[positions, slots][order]
+        per_position = torch.bincount(positions, minlength=mlp_input.shape[0])
+        first_of_position = torch.cumsum(per_position, 0) - per_position
+        rank = torch.arange(positions.shape[0], device=positions.device) - first_of_position[positions]
+        width = int(per_position.max())
+        feature_slots = positions.new_zeros(mlp_input.shape[0], width)
+        feature_slots[positions, rank] = torch.arange(positions.shape[0], device=positions.device)
         return _LayerCode(positions, latents, active, active[:, None] * transcoder.W_dec[latents],
-                          transcoder.W_enc[latents], errors)
+                          transcoder.W_enc[latents], errors, feature_slots, positions * width + rank)
 
 
 def _salient_logits(final_logits: torch.Tensor, W_U: torch.Tensor, max_n_logits: int, desired_logit_prob: float):
@@ -212,7 +222,12 @@ def _edges_of_batch(gradients, codes: list[_LayerCode], token_vectors: torch.Ten
         reached.append(torch.full((n_sources,), gradient is not None, device=token_vectors.device))
         if gradient is not None:
             gradient = gradient[:, 0]  # [batch, n_pos, d]
-            edges.append(torch.einsum("bnd,nd->bn", gradient[:, code.positions], code.scaled_decoders))
+            size = gradient.shape[0]
+            # Each (target, position) row dotted with the scaled decoders of that position's
+            # features only (a sampled dense-dense product), not a [batch, features, d] gather.
+            dots = torch.ops.interpkernels.gathered_dot(gradient.reshape(-1, gradient.shape[-1]),
+                                                        code.slots.repeat(size, 1), code.scaled_decoders)
+            edges.append(dots.view(size, -1)[:, code.position_slots])
             edges.append(torch.einsum("bpd,pd->bp", gradient, code.errors))
     # Every target reads past the embedding.
     edges.append(torch.einsum("bpd,pd->bp", gradients[-1][:, 0], token_vectors))
