@@ -2,7 +2,8 @@
 
 The local replacement model (circuit-tracer ``replacement_model/``): attention
 patterns and LayerNorm scales frozen at their values on the prompt, each MLP
-replaced by its transcoder with the transcoder's error added as a constant.
+replaced by its transcoder with the transcoder's error added as a constant
+(a skip connection ``x @ W_skip.T`` stays, linear).
 It is linear from feature activations to every later feature pre-activation
 and logit. An edge (target <- source) is the source's activation times its
 decoder row (or the error / token-embedding vector) contracted with the
@@ -18,8 +19,10 @@ position, then the logits. Features and errors at position 0 (BOS) are zeroed.
 
 Computed here with one forward pass and batched vector-Jacobian products
 (``is_grads_batched``) through it, not ``batch_size`` copies of the forward
-pass; every batch of rows is kept as sparse (row, column, value) triples, so
-no dense ``[rows, nodes]`` or ``[nodes, nodes]`` matrix is built.
+pass; feature edges by ``gathered_dot`` over each position's own features;
+every batch of rows is reduced to sparse (row, column, value) triples before
+the next, so the only dense edge block is one batch's ``[batch, sources]``,
+never ``[all rows, nodes]`` or ``[nodes, nodes]``.
 """
 
 from __future__ import annotations
