@@ -75,7 +75,7 @@ export PIP_CONSTRAINT="$constraints"
 # triton: the Triton backend, run by the tests under its interpreter without a
 # GPU (3.6's interpreter breaks with numpy >= 2.4, hence >= 3.7 here).
 step "installing build, runtime and test dependencies"
-"${pip[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy safetensors tqdm \
+"${pip[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy safetensors tqdm pyyaml \
   matplotlib "triton>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" \
   || fail "could not install the build, runtime and test dependencies"
 

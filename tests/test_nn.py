@@ -32,7 +32,7 @@ def test_sae_forward_matches_dense_math_and_backend_torch(cls):
     torch.testing.assert_close(module(x).reconstruction, out.reconstruction)
 
 
-@pytest.mark.parametrize("cls", [*SAE_CLASSES, ik_nn.Transcoder], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [*SAE_CLASSES, ik_nn.Transcoder, ik_nn.JumpReLUTranscoder], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("leading", [(0,), (2, 0)], ids=str)
 def test_forward_on_no_rows_raises_naming_x(cls, leading):
     """An FVU over no rows is 0 / 0: a ValueError, never a NaN in the loss."""
@@ -91,6 +91,26 @@ def test_transcoder_with_skip_and_its_target():
         module(x)
 
 
+@pytest.mark.parametrize("k", [40, 3])
+def test_jumprelu_transcoder_code_is_pre_times_step(k):
+    """circuit-tracer's JumpReLU (transcoder/activation_functions.py):
+    ``x * (x > threshold)`` on ``pre = x @ W_enc.T + b_enc`` (no pre-bias);
+    with k < M the k largest of those are kept."""
+    torch.manual_seed(0)
+    module = randomize_(ik_nn.JumpReLUTranscoder(12, 40, k, d_out=9, skip=True, seed=0)).double()
+    with torch.no_grad():
+        module.threshold.uniform_(0.0, 0.5)
+        module.W_skip.copy_(torch.randn(9, 12))
+    x = torch.randn(30, 12, dtype=torch.float64)
+    pre = x @ module.W_enc.T + module.b_enc
+    want = pre * (pre > module.threshold)
+    want = want * (want >= want.topk(k, dim=-1).values[:, -1:])
+    values, indices = module.encode(x)
+    torch.testing.assert_close(reference.densify(values, indices, 40), want)
+    torch.testing.assert_close(module.reconstruct(x, values, indices),
+                               want @ module.W_dec + module.b_dec + x @ module.W_skip.T)
+
+
 def test_cross_layer_transcoder_decodes_each_code_to_later_layers():
     torch.manual_seed(0)
     L, d, M, k = 3, 8, 20, 3
@@ -117,7 +137,7 @@ def test_cross_layer_transcoder_save_and_load(tmp_path):
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("cls", [*SAE_CLASSES, ik_nn.Transcoder], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [*SAE_CLASSES, ik_nn.Transcoder, ik_nn.JumpReLUTranscoder], ids=lambda c: c.__name__)
 def test_save_and_load_round_trip(cls, tmp_path):
     module = randomize_(cls(8, 24, 3, seed=0))
     path = tmp_path / "module.safetensors"
@@ -127,7 +147,7 @@ def test_save_and_load_round_trip(cls, tmp_path):
     for (name, p), (_, q) in zip(module.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(p, q), name
     with pytest.raises(TypeError, match="path: holds a"):
-        (ik_nn.Transcoder if cls is not ik_nn.Transcoder else ik_nn.TopKSAE).load(path)
+        (ik_nn.TopKSAE if issubclass(cls, ik_nn.Transcoder) else ik_nn.Transcoder).load(path)
 
 
 def test_normalize_decoder_projects_the_gradient():

@@ -11,6 +11,7 @@ and returns a :class:`SparseCoderOutput` from ``forward``. Codes are sparse
 - :class:`JumpReLUSAE`: per-latent thresholds trained straight-through.
 - :class:`Transcoder`: encodes an MLP's input, decodes toward its output,
   optional linear skip ``W_skip [d_out, d_in]``.
+- :class:`JumpReLUTranscoder`: a transcoder with a JumpReLU code.
 - :class:`CrossLayerTranscoder`: layer l's code decodes to layers l..L-1.
 """
 
@@ -241,15 +242,22 @@ class JumpReLUSAE(SparseCoder):
         self.log_threshold = nn.Parameter(torch.full((num_latents,), float(initial_threshold)).log())
 
     def _encode_with_l0(self, x):
-        threshold = self.log_threshold.exp()
-        candidates, indices = self._candidates(x, self.b_enc, self.k, threshold=threshold)
-        slot_threshold = self._at_latents(threshold, indices)
-        values = apply_slot_threshold(candidates, slot_threshold, self.bandwidth)
-        return values, indices, slot_threshold_l0(candidates, slot_threshold, self.bandwidth)
+        return jumprelu_code(self, x, self.log_threshold.exp())
 
     def encode(self, x):
         values, indices, _ = self._encode_with_l0(x)
         return values, indices
+
+
+def jumprelu_code(module: SparseCoder, x: torch.Tensor,
+                  threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """JumpReLU code of x on `module`'s encoder, at most ``module.k`` latents per
+    token: ``(values, indices, l0)``, l0 carrying the straight-through
+    threshold gradient (bandwidth ``module.bandwidth``)."""
+    candidates, indices = module._candidates(x, module.b_enc, module.k, threshold=threshold)
+    slot_threshold = module._at_latents(threshold, indices)
+    values = apply_slot_threshold(candidates, slot_threshold, module.bandwidth)
+    return values, indices, slot_threshold_l0(candidates, slot_threshold, module.bandwidth)
 
 
 class Transcoder(SparseCoder):
@@ -276,6 +284,31 @@ class Transcoder(SparseCoder):
         if target is None:
             raise ValueError("target: a transcoder reconstructs the MLP output; pass it as target")
         return super().forward(x, target, dead_mask=dead_mask)
+
+
+class JumpReLUTranscoder(Transcoder):
+    """A transcoder with a JumpReLU code, ``f = pre * 1[pre > threshold]``, the
+    kind circuit-tracer and Gemma Scope publish (a ReLU transcoder is one with
+    zero thresholds). ``threshold [M]`` is stored as is, not as its log as
+    :class:`JumpReLUSAE` keeps it: loaded thresholds then stay bit-exact. It
+    must stay non-negative (the code's values are taken from ``relu(pre)``).
+    At most ``k`` latents per token are kept, the largest; ``k = num_latents``
+    keeps every latent above its threshold."""
+
+    def __init__(self, d_in: int, num_latents: int, k: int, *, d_out: int | None = None, skip: bool = False,
+                 initial_threshold: float = 0.001, bandwidth: float = 0.001, k_aux: int | None = None,
+                 seed: int | None = None):
+        super().__init__(d_in, num_latents, k, d_out=d_out, skip=skip, k_aux=k_aux, seed=seed)
+        self.config.update(initial_threshold=initial_threshold, bandwidth=bandwidth)
+        self.bandwidth = bandwidth
+        self.threshold = nn.Parameter(torch.full((num_latents,), float(initial_threshold)))
+
+    def _encode_with_l0(self, x):
+        return jumprelu_code(self, x, self.threshold)
+
+    def encode(self, x):
+        values, indices, _ = self._encode_with_l0(x)
+        return values, indices
 
 
 class CrossLayerTranscoder(SafetensorsModule):
@@ -346,4 +379,5 @@ class CrossLayerTranscoder(SafetensorsModule):
         return SparseCoderOutput(torch.stack(reconstructions), values, indices, fvu, fvu.new_zeros(()), l0)
 
 
-MODULES = {cls.__name__: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder, CrossLayerTranscoder)}
+MODULES = {cls.__name__: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder, JumpReLUTranscoder,
+                                          CrossLayerTranscoder)}

@@ -1,0 +1,15 @@
+"""Attribution graphs (circuit tracing) on interpkernels' transcoders.
+
+- circuit-tracer's on-disk transcoder format, read and written
+  (:func:`load_transcoders`, :func:`save_transcoders`), so transcoders move
+  between circuit-tracer and interpkernels unchanged;
+- :func:`attribution_graph`: circuit-tracer's graph of a prompt (unpruned;
+  ``.prune()`` and ``.scores()`` as theirs) on a
+  TransformerLens model (GPT-2 or Llama style) with per-layer transcoders.
+"""
+
+from interpkernels.graphs.attribution import AttributionGraph, attribution_graph
+from interpkernels.graphs.pruning import PrunedGraph
+from interpkernels.graphs.transcoders import TranscoderSet, load_transcoders, save_transcoders
+
+__all__ = ["AttributionGraph", "PrunedGraph", "TranscoderSet", "attribution_graph", "load_transcoders", "save_transcoders"]

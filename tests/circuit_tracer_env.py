@@ -1,0 +1,35 @@
+"""Running circuit-tracer 0.5.0 in its own environment (setup_helpers/circuit-tracer-env.sh).
+
+It cannot be imported here: it pins transformers <= 4.57.3 and
+transformer-lens 3.2, older than the main environment's. Tests hand it files
+and read back what tests/circuit_tracer_side.py wrote.
+"""
+
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SIDE_SCRIPT = pathlib.Path(__file__).resolve().parent / "circuit_tracer_side.py"
+
+
+def circuit_tracer_python() -> pathlib.Path:
+    """The environment's interpreter; the test is skipped where it was not built
+    (the test command, setup_helpers/run test, builds it, so CI runs these)."""
+    venv = pathlib.Path(os.environ.get("INTERPKERNELS_CIRCUIT_TRACER_VENV", REPO / ".venv-circuit-tracer"))
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"no circuit-tracer environment at {venv}: run bash setup_helpers/circuit-tracer-env.sh")
+    return python
+
+
+def run_circuit_tracer(*arguments: object) -> None:
+    """circuit_tracer_side.py with these arguments, offline, failing the test with its stderr."""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([str(circuit_tracer_python()), str(SIDE_SCRIPT), *map(str, arguments)],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"circuit_tracer_side.py {' '.join(map(str, arguments))} failed:\n{result.stderr[-4000:]}")

@@ -1,0 +1,137 @@
+"""circuit-tracer 0.5.0's side of the graph tests, run in its own environment
+(setup_helpers/circuit-tracer-env.sh) by tests/circuit_tracer_env.py. It
+imports circuit_tracer, torch, safetensors and yaml only, never interpkernels:
+whatever it writes comes from circuit-tracer's code alone.
+
+    python circuit_tracer_side.py read FOLDER INPUTS OUT DTYPE
+        FOLDER opened by load_transcoder_from_hub; OUT gets every layer's
+        parameters, and its activations and forward output on INPUTS' x{i}.
+    python circuit_tracer_side.py write FOLDER INPUTS OUT DTYPE SEED
+        Random per-layer transcoders built with circuit-tracer's classes (layer 0
+        JumpReLU with a skip, layer 1 JumpReLU, layer 2 ReLU) saved to FOLDER as
+        its cache does (to_safetensors, then config.yaml); OUT as for read.
+    python circuit_tracer_side.py graph FOLDER...
+        For each FOLDER, circuit-tracer's attribute() on the TransformerLens
+        model of FOLDER/config.json (HookedTransformerConfig keywords, plus
+        "dtype", attribute()'s keywords under "attribute", a list of prune_graph()'s under "prune") with the
+        parameters of FOLDER/model.safetensors, the transcoders of
+        FOLDER/transcoders and the prompt FOLDER/tokens.safetensors ("tokens",
+        BOS first); FOLDER/theirs.safetensors gets the Graph's tensors, the
+        masks and cumulative scores of prune_graph() and compute_graph_scores().
+"""
+
+import json
+
+import sys
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HOOKS = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
+
+
+def describe(transcoders, inputs: dict) -> dict:
+    """Parameters and outputs of circuit-tracer transcoders, as ``layer{i}.<name>`` tensors."""
+    out = {}
+    for layer, transcoder in enumerate(transcoders):
+        for name, tensor in transcoder.state_dict().items():
+            out[f"layer{layer}.{name}"] = tensor.contiguous()
+        x = inputs[f"x{layer}"].to(transcoder.dtype)
+        with torch.no_grad():
+            out[f"layer{layer}.activations"] = transcoder.encode(x).contiguous()
+            out[f"layer{layer}.reconstruction"] = transcoder(x).contiguous()
+    return out
+
+
+def read(folder: str, inputs: str, out: str, dtype: str) -> None:
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    transcoders, config = load_transcoder_from_hub(folder, device=torch.device("cpu"), dtype=DTYPES[dtype],
+                                                   lazy_decoder=False)
+    save_file(describe(transcoders, load_file(inputs)), out,
+              metadata={key: str(config[key]) for key in ("feature_input_hook", "feature_output_hook", "scan")})
+
+
+def write(folder: str, inputs: str, out: str, dtype: str, seed: str) -> None:
+    from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
+    from circuit_tracer.transcoder.activation_functions import JumpReLU
+
+    generator = torch.Generator().manual_seed(int(seed))
+    d_model, d_transcoder = 8, 24
+    layers = {}
+    for layer, (activation, skip) in enumerate([("jumprelu", True), ("jumprelu", False), ("relu", False)]):
+        function = (JumpReLU(torch.rand(d_transcoder, generator=generator, dtype=DTYPES[dtype]) * 0.5, 0.1)
+                    if activation == "jumprelu" else F.relu)
+        transcoder = SingleLayerTranscoder(d_model, d_transcoder, function, layer, skip_connection=skip,
+                                           device=torch.device("cpu"), dtype=DTYPES[dtype])
+        with torch.no_grad():
+            for parameter in (transcoder.W_enc, transcoder.W_dec, transcoder.b_enc, transcoder.b_dec,
+                              *([transcoder.W_skip] if skip else [])):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
+        layers[layer] = transcoder
+    transcoders = TranscoderSet(layers, scan="written-by-circuit-tracer", **HOOKS)
+    transcoders.to_safetensors(folder)
+    # What save_transcoders_to_cache writes after the layer files.
+    with open(f"{folder}/config.yaml", "w") as f:
+        yaml.dump({"model_kind": "transcoder_set", "scan": transcoders.scan, **HOOKS}, f)
+    save_file(describe(transcoders, load_file(inputs)), out)
+
+
+def word_level_tokenizer(vocabulary_size: int, folder: str):
+    """A tokenizer for the test's vocabulary, built here (no download; token 0 is
+    BOS) and loaded from a folder, as TransformerLens reloads it by name."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocabulary = {"<bos>": 0, **{f"w{i}": i for i in range(1, vocabulary_size)}}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocabulary, unk_token="w1")),
+                            bos_token="<bos>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def graphs(*folders: str) -> None:
+    for folder in folders:
+        graph(folder)
+
+
+def graph(folder: str) -> None:
+    from circuit_tracer import ReplacementModel, attribute
+    from circuit_tracer.graph import compute_graph_scores, prune_graph
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+    from transformer_lens import HookedTransformerConfig
+
+    config = json.loads(open(f"{folder}/config.json").read())
+    dtype = DTYPES[config.pop("dtype")]
+    attribute_options, prune_options = config.pop("attribute"), config.pop("prune")
+    # attribute() allocates its edge matrix in the default dtype.
+    torch.set_default_dtype(dtype)
+    transcoders, _ = load_transcoder_from_hub(f"{folder}/transcoders", device=torch.device("cpu"), dtype=dtype,
+                                              lazy_decoder=False)
+    model = ReplacementModel.from_config(HookedTransformerConfig(**config, dtype=dtype, device="cpu"), transcoders,
+                                         backend="transformerlens", tokenizer=word_level_tokenizer(config["d_vocab"], f"{folder}/tokenizer"))
+    # The replacement model wraps each MLP (mlp.old_mlp) and the unembedding (unembed.old_unembed).
+    parameters = {name.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed."): tensor
+                  for name, tensor in load_file(f"{folder}/model.safetensors").items()}
+    missing, unexpected = model.load_state_dict(parameters, strict=False)
+    # Left as built: buffers (causal masks, rotary tables) and the transcoders, loaded above.
+    kept = ({name for name, _ in model.named_buffers(remove_duplicate=False)}
+            | {name for name in missing if name.startswith("transcoders.")})
+    assert not unexpected and set(missing) <= kept, (missing, unexpected)
+    result = attribute(load_file(f"{folder}/tokens.safetensors")["tokens"], model, **attribute_options)
+    tensors = {"adjacency": result.adjacency_matrix, "active_features": result.active_features,
+               "activation_values": result.activation_values, "selected_features": result.selected_features,
+               "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities,
+               "scores": torch.tensor(compute_graph_scores(result), dtype=torch.float64)}
+    for index, options in enumerate(prune_options):
+        pruned = prune_graph(result, **options)
+        tensors |= {f"node_mask{index}": pruned.node_mask, f"edge_mask{index}": pruned.edge_mask,
+                    f"cumulative_scores{index}": pruned.cumulative_scores}
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, f"{folder}/theirs.safetensors")
+
+
+if __name__ == "__main__":
+    {"read": read, "write": write, "graph": graphs}[sys.argv[1]](*sys.argv[2:])

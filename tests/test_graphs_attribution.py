@@ -1,0 +1,228 @@
+"""interpkernels.graphs.attribution_graph against two oracles from the source:
+
+- circuit-tracer 0.5.0's own attribute() on the same weights and prompt, run in
+  its environment (tests/circuit_tracer_side.py), node for node and edge for edge;
+- a frozen intervention on the model, as circuit-tracer's tests verify edges
+  (tests/test_attribution.py's verify_feature_edges there: attention patterns,
+  LayerNorm scales and every MLP output held at their values on the prompt,
+  remove one source, read every target's change).
+"""
+
+import itertools
+import json
+
+import pytest
+import torch
+from circuit_tracer_env import run_circuit_tracer
+from safetensors.torch import load_file, save_file
+
+from interpkernels.graphs import TranscoderSet, attribution_graph, load_transcoders, pruning, save_transcoders
+from interpkernels.nn import JumpReLUTranscoder
+
+transformer_lens = pytest.importorskip("transformer_lens")
+
+CONFIG = dict(n_layers=3, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=24)
+ARCHITECTURES = {
+    "gpt2": dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"),
+    "llama": dict(act_fn="silu", normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
+                  rotary_dim=4, gated_mlp=True),
+}
+DTYPES = [torch.float64, torch.float32]
+LATENTS = 40
+TOKENS = torch.tensor([0, 5, 9, 3, 17, 5, 2])  # 0 is BOS
+OPTIONS = dict(max_n_logits=5, desired_logit_prob=0.8, batch_size=16)
+# circuit-tracer's defaults, and an edge threshold at which dropping nodes left
+# without incoming or outgoing edges removes some (checked: 67 -> 50 nodes).
+PRUNINGS = [dict(node_threshold=0.8, edge_threshold=0.98), dict(node_threshold=0.8, edge_threshold=0.7)]
+
+
+def random_case(dtype: torch.dtype, architecture: str = "gpt2", skip: bool = False, seed: int = 0):
+    """A HookedTransformer (GPT-2 style: LayerNorm, learned positions; Llama
+    style: RMSNorm, rotary, gated MLP) with random weights and random JumpReLU
+    transcoders (with a skip connection or not) with about a third of their
+    latents active."""
+    torch.manual_seed(seed)
+    model = transformer_lens.HookedTransformer(transformer_lens.HookedTransformerConfig(
+        **CONFIG, **ARCHITECTURES[architecture], seed=seed, dtype=dtype, device="cpu"))
+    layers = []
+    for layer in range(CONFIG["n_layers"]):
+        transcoder = JumpReLUTranscoder(CONFIG["d_model"], LATENTS, LATENTS, skip=skip, seed=layer)
+        with torch.no_grad():
+            for parameter in transcoder.parameters():
+                parameter.copy_(torch.randn(parameter.shape) * 0.5)
+            transcoder.threshold.uniform_(0.0, 1.0)
+        layers.append(transcoder.to(dtype))
+    return model, TranscoderSet(layers)
+
+
+def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
+    """The dense adjacency measured by intervention: for each source (feature,
+    error, token), a forward pass with attention patterns, LayerNorm scales and
+    MLP outputs frozen at their values on the prompt and that source's vector
+    removed; edge = minus the change of each target's pre-activation
+    (encoder row . MLP input) or de-meaned logit. A skip connection stays live:
+    its MLP output moves by ``W_skip`` times its input's change (circuit-tracer's
+    setup_intervention_with_freeze). One batch member per source."""
+    n_layers, n_pos = CONFIG["n_layers"], TOKENS.shape[0]
+    frozen_names = [name for name in model.hook_dict if name.endswith(("hook_pattern", "hook_scale", "hook_mlp_out"))]
+    read_names = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(n_layers)] + ["ln_final.hook_normalized"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS[None], names_filter=frozen_names + read_names + ["hook_embed"])
+        # Sources in node order: (hook, position, vector removed there).
+        sources = [(f"blocks.{layer}.hook_mlp_out", position, value * transcoders[layer].W_dec[latent])
+                   for (layer, position, latent), value in zip(graph.active_features.tolist(), graph.activation_values)]
+        for layer in range(n_layers):
+            x = cache[f"blocks.{layer}.ln2.hook_normalized"][0]
+            reconstruction = transcoders[layer].reconstruct(x, *transcoders[layer].encode(x))
+            error = cache[f"blocks.{layer}.hook_mlp_out"][0] - reconstruction
+            sources += [(f"blocks.{layer}.hook_mlp_out", position, error[position] * (position > 0))
+                        for position in range(n_pos)]
+        sources += [("hook_embed", position, cache["hook_embed"][0, position]) for position in range(n_pos)]
+
+        mlp_inputs = {}
+
+        def record_mlp_input(acts, hook):
+            mlp_inputs[hook.layer()] = acts
+
+        def removed(acts, hook):
+            value = cache[hook.name].expand(len(sources), *cache[hook.name].shape[1:]).clone()
+            for member, (name, position, vector) in enumerate(sources):
+                if name == hook.name:
+                    value[member, position] -= vector
+            if hook.name.endswith("hook_mlp_out") and transcoders[hook.layer()].W_skip is not None:
+                moved = mlp_inputs[hook.layer()] - cache[f"blocks.{hook.layer()}.ln2.hook_normalized"]
+                value += moved @ transcoders[hook.layer()].W_skip.T
+            return value
+
+        hooks = [(name, removed) for name in frozen_names + ["hook_embed"]]
+        hooks += [(name, record_mlp_input) for name in read_names[:-1]]
+        with model.hooks(fwd_hooks=hooks):
+            _, runs = model.run_with_cache(TOKENS[None].expand(len(sources), -1), names_filter=read_names)
+
+        def targets(run, member) -> torch.Tensor:
+            values = [transcoders[layer].W_enc[latent] @ run[f"blocks.{layer}.ln2.hook_normalized"][member, position]
+                      for layer, position, latent in graph.active_features.tolist()]
+            W_U = model.W_U
+            demeaned = (W_U[:, graph.logit_tokens] - W_U.mean(dim=-1, keepdim=True)).T
+            return torch.cat([torch.stack(values), demeaned @ run["ln_final.hook_normalized"][member, -1]])
+
+        baseline = targets(cache, 0)
+        n_nodes = graph.adjacency.shape[0]
+        target_rows = torch.cat([torch.arange(graph.n_features),
+                                 torch.arange(n_nodes - graph.logit_tokens.shape[0], n_nodes)])
+        adjacency = torch.zeros(n_nodes, n_nodes, dtype=baseline.dtype)
+        for member in range(len(sources)):  # source columns: features, errors, tokens, in node order
+            adjacency[target_rows, member] = baseline - targets(runs, member)
+    return adjacency
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_edge_is_a_frozen_intervention(dtype, architecture, skip):
+    model, transcoders = random_case(dtype, architecture, skip)
+    graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
+    assert graph.n_features > 20 and graph.adjacency._nnz() > 500, "too few nodes or edges to check anything"
+    want = frozen_intervention_adjacency(model, transcoders, graph)
+    got = graph.adjacency.to_dense()
+    scale = want.abs().max()
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert (got - want).abs().max() <= tolerance * scale
+    # Every feature's row was computed; features and errors at BOS are not nodes.
+    assert torch.equal(graph.selected_features, torch.arange(graph.n_features))
+    assert bool((graph.active_features[:, 1] > 0).all())
+
+
+@pytest.fixture(scope="module")
+def circuit_tracer_graphs(tmp_path_factory) -> dict:
+    """circuit-tracer's attribute() on every case (architecture, dtype, skip),
+    in one run of its environment (which takes ~15 s to start): the folder of each."""
+    folders = {}
+    for architecture, dtype, skip in itertools.product(ARCHITECTURES, DTYPES, [False, True]):
+        folder = folders[architecture, dtype, skip] = tmp_path_factory.mktemp(f"{architecture}-{dtype}-{skip}")
+        model, transcoders = random_case(dtype, architecture, skip, seed=1)
+        save_transcoders(transcoders, folder / "transcoders")
+        save_file({name: p.detach().contiguous() for name, p in model.named_parameters()},
+                  folder / "model.safetensors")
+        save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
+        (folder / "config.json").write_text(json.dumps(
+            {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
+             "attribute": OPTIONS, "prune": PRUNINGS}))
+    run_circuit_tracer("graph", *folders.values())
+    return folders
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_graph_equals_circuit_tracers_attribute(dtype, architecture, skip, circuit_tracer_graphs):
+    folder = circuit_tracer_graphs[architecture, dtype, skip]
+    theirs = load_file(folder / "theirs.safetensors")
+    model, _ = random_case(dtype, architecture, skip, seed=1)
+    ours = attribution_graph(model, load_transcoders(folder / "transcoders"), TOKENS, **OPTIONS)
+    assert torch.equal(ours.active_features, theirs["active_features"])
+    assert torch.equal(ours.selected_features, theirs["selected_features"])
+    assert torch.equal(ours.logit_tokens, theirs["logit_tokens"])
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.activation_values, theirs["activation_values"], **tolerance)
+    torch.testing.assert_close(ours.logit_probabilities, theirs["logit_probabilities"], **tolerance)
+    want = theirs["adjacency"]
+    got = ours.adjacency.to_dense()
+    assert got.shape == want.shape
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= (1e-12 if dtype == torch.float64 else 1e-4) * scale
+    # The same edges exist: none of theirs is missing here beyond rounding.
+    assert ((want != 0) & (got == 0)).sum() == 0
+
+    torch.testing.assert_close(torch.tensor(ours.scores(), dtype=torch.float64), theirs["scores"], **tolerance)
+    for index, options in enumerate(PRUNINGS):
+        pruned = ours.prune(**options)
+        assert torch.equal(pruned.node_mask, theirs[f"node_mask{index}"])
+        # Their mask covers every entry of their dense matrix; the kept non-zero edges are the comparable part.
+        assert torch.equal(pruned.edges.to_dense() != 0, theirs[f"edge_mask{index}"] & (want != 0))
+        assert 0 < pruned.edges._nnz() < ours.adjacency._nnz() and not bool(pruned.node_mask.all())
+        torch.testing.assert_close(pruned.cumulative_scores, theirs[f"cumulative_scores{index}"], **tolerance)
+
+
+def test_bad_arguments_name_themselves():
+    model, transcoders = random_case(torch.float32)
+    with pytest.raises(ValueError, match="transcoders: 2 given for a model of 3 layers"):
+        attribution_graph(model, transcoders.transcoders[:2], TOKENS)
+    with pytest.raises(ValueError, match="transcoders: read 'hook_resid_mid'"):
+        attribution_graph(model, TranscoderSet(transcoders.transcoders, "hook_resid_mid", "hook_mlp_out"), TOKENS)
+    with pytest.raises(TypeError, match=r"transcoders\[0\]: expected an interpkernels Transcoder"):
+        attribution_graph(model, [object(), transcoders[1], transcoders[2]], TOKENS)
+    with pytest.raises(ValueError, match="tokens: expected a 1-D"):
+        attribution_graph(model, transcoders, TOKENS[None])
+    with pytest.raises(ValueError, match="batch_size: expected >= 1"):
+        attribution_graph(model, transcoders, TOKENS, batch_size=0)
+
+
+def test_influence_is_the_power_series_of_the_normalized_adjacency():
+    """circuit-tracer's compute_influence: w (A + A^2 + ...) = w ((I - A)^-1 - I)
+    for the row-normalised |A| of an acyclic graph."""
+    torch.manual_seed(0)
+    n = 30
+    dense = torch.randn(n, n, dtype=torch.float64) * (torch.rand(n, n) < 0.3)
+    dense = dense.tril(-1)  # acyclic: every edge runs from a lower-numbered source to a higher target
+    normalized = pruning.row_normalized(dense.to_sparse())
+    magnitudes = dense.abs()
+    want_normalized = magnitudes / magnitudes.sum(1, keepdim=True).clamp(min=1e-10)
+    torch.testing.assert_close(normalized.to_dense(), want_normalized)
+    weights = torch.zeros(n, dtype=torch.float64)
+    weights[-3:] = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    want = weights @ (torch.linalg.inv(torch.eye(n, dtype=torch.float64) - want_normalized) - torch.eye(n))
+    torch.testing.assert_close(pruning.influence(normalized, weights), want)
+    with pytest.raises(RuntimeError, match="cycle"):
+        pruning.influence(pruning.row_normalized(torch.ones(3, 3, dtype=torch.float64).to_sparse()),
+                          torch.ones(3, dtype=torch.float64), max_iter=50)
+
+
+def test_a_layer_without_active_features():
+    model, transcoders = random_case(torch.float64)
+    with torch.no_grad():
+        transcoders[1].threshold.fill_(1e6)
+    graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
+    assert graph.n_features > 0 and not bool((graph.active_features[:, 0] == 1).any())
+    want = frozen_intervention_adjacency(model, transcoders, graph)
+    assert (graph.adjacency.to_dense() - want).abs().max() <= 1e-10 * want.abs().max()
