@@ -67,7 +67,8 @@ def merge_kernel(dtype: str) -> None:
 
 
 def tile_shapes(k_pad: int, sixteen_bit: bool) -> list[triton.Config]:
-    """Each tile shape the autotuner may pick, once (warps and stages do not change what compiles)."""
+    """Each tile shape the autotuner may pick, once (its candidates differ otherwise only in stages, which
+    leave the registers as they are)."""
     seen, configs = set(), []
     for config in encoder.tuning_configs(k_pad, sixteen_bit):
         shape = tuple(sorted(config.kwargs.items()))
