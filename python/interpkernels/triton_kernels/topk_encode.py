@@ -34,7 +34,7 @@ Two kernels:
 x is centred on pre_bias once, by the launcher (`x - pre_bias` in x's dtype,
 as torch and the CPU kernel round it), not in every latent tile.
 
-On CUDA the partial kernel is autotuned over tile shapes, warps and stages
+On CUDA the partial kernel is autotuned over tile shapes and pipeline stages
 (keyed on d, M, k and the dtype); explicit block sizes, or the interpreter,
 launch one configuration.
 """
