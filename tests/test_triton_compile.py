@@ -3,7 +3,9 @@
 The interpreter the CPU tests run them under accepts programs the GPU
 compiler rejects (layouts, tl.dot operand types, int64 shifts), so each of
 the launcher's configurations is also compiled to a cubin, in a process
-without TRITON_INTERPRET (tests/triton_sm90.py)."""
+without TRITON_INTERPRET (tests/triton_sm90.py). That script also fails when a
+16-bit encoder tile for k <= 256 multiplies without wgmma, or any encoder tile
+spills registers."""
 
 import os
 import pathlib

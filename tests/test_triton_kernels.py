@@ -186,23 +186,35 @@ def test_topk_encode_latent_mask():
     check(values, want_values)
 
 
-@pytest.mark.parametrize("selection", SELECTIONS)
-def test_topk_encode_wide_tiles_with_padding_slots(selection):
-    """k = 40 (a running set of 64, 24 padding slots) against 128-latent tiles: the sort-and-merge path with
-    padding slots, and the insertion path, over four tiles of a masked, thresholded range."""
-    N, d, M, k = 3, 9, 400, 40
+def assert_masked_thresholded_encode_matches_reference(N, d, M, k, **config):
+    """encode of random float32 data with a latent mask (keeping at least k latents) and thresholds:
+    the reference's indices exactly, and its values."""
     x = randn(N, d)
     W_enc, b_enc, pre_bias = make_encoder(d, M, torch.float32)
     keep = torch.rand(M, device=DEVICE) < 0.8
     keep[:k] = True
     threshold = 0.3 * randn(M).abs()
-    values, indices = encode(x, W_enc, b_enc, k, pre_bias, keep, threshold, block_m=128, splits=1,
-                             **SELECTIONS[selection])
+    values, indices = encode(x, W_enc, b_enc, k, pre_bias, keep, threshold, **config)
     want_values, want_indices = reference.topk_encode(
         x.double(), W_enc.double(), b_enc.double(), k, pre_bias=pre_bias.double(), latent_mask=keep,
         threshold=threshold.double())
     assert torch.equal(indices, want_indices)
     check(values, want_values)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_topk_encode_wide_tiles_with_padding_slots(selection):
+    """k = 40 (a running set of 64, 24 padding slots) against 128-latent tiles: the sort-and-merge path with
+    padding slots, and the insertion path, over four tiles of a masked, thresholded range."""
+    assert_masked_thresholded_encode_matches_reference(3, 9, 400, 40, block_m=128, splits=1, **SELECTIONS[selection])
+
+
+@pytest.mark.parametrize("block_n", (16, 64), ids=("latents_x_rows", "rows_x_latents"))
+def test_topk_encode_multiplies_either_way_round(block_n):
+    """A row tile under 64 rows (wgmma's least M side) multiplies latents x rows and transposes the
+    product; one of 64 rows multiplies rows x latents. Either way: 66 rows (a partial row block),
+    100 latents in 64-latent tiles over two splits, masked and thresholded, k = 20."""
+    assert_masked_thresholded_encode_matches_reference(66, 8, 100, 20, block_n=block_n, block_m=64, splits=2)
 
 
 @pytest.mark.parametrize("splits", (1, 3))

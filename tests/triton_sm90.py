@@ -1,15 +1,23 @@
 """Compiles every Triton kernel for Hopper (sm_90), no GPU needed: the fused
 encoder's (the launcher's default tiles for every dtype and option, and every
-tile shape its autotuner may pick), the component attribution's, the SPD
+tile shape its autotuner may pick for k up to 256), the component attribution's, the SPD
 masked forward's and the attribution-patching ops'. `python tests/triton_sm90.py` (test_triton_compile.py runs it). Not under
-TRITON_INTERPRET=1, where @triton.jit makes interpreted functions."""
+TRITON_INTERPRET=1, where @triton.jit makes interpreted functions.
+
+Each encoder configuration must also compile to what Hopper runs fast: 16-bit tiles
+multiply with wgmma (`wgmma.mma_async` in the PTX; Triton falls back to mma.sync
+silently), and no configuration spills registers (no local-memory store, STL, in the
+SASS)."""
 
 import importlib
 import itertools
+import re
+import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.disasm import get_sass
 
 # The module, not the function of the same name that the package exports.
 encoder = importlib.import_module("interpkernels.triton_kernels.topk_encode")
@@ -24,10 +32,17 @@ def compile_for_hopper(kernel, types: dict, constants: dict, **options):
     constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=HOPPER, options=options)
     assert compiled.asm["cubin"], "no cubin"
+    return compiled
 
 
-def partial_kernel(dtype: str, has_threshold: bool, has_mask: bool, config: triton.Config, k_pad: int) -> None:
-    """One launch configuration of the partial kernel (triton_kernels/topk_encode.py)."""
+def spill_stores(compiled) -> int:
+    """Local-memory stores in the SASS: registers spilled (these kernels hold no local arrays)."""
+    return len(re.findall(r"\bSTL\b", get_sass(compiled.asm["cubin"])))
+
+
+def partial_kernel(dtype: str, has_threshold: bool, has_mask: bool, config: triton.Config, k_pad: int) -> list[str]:
+    """Compiles one launch configuration of the partial kernel (triton_kernels/topk_encode.py), prints
+    how it multiplies, and returns what keeps it off Hopper's fast path (16-bit without wgmma, spills)."""
     sixteen_bit = dtype != "fp32"
     pointer = f"*{dtype}"
     types = dict(x_ptr=pointer, w_ptr=pointer, b_ptr=pointer, mask_ptr="*u8", threshold_ptr="*fp32",
@@ -35,8 +50,15 @@ def partial_kernel(dtype: str, has_threshold: bool, has_mask: bool, config: trit
                  stride_xd="i32", stride_wm="i32", stride_wd="i32")
     constants = dict(HAS_MASK=has_mask, HAS_THRESHOLD=has_threshold, DOT_PRECISION="tf32" if sixteen_bit else "ieee",
                      K_PAD=k_pad, INSERT_LIMIT=encoder.INSERT_LIMIT, **config.kwargs)
-    compile_for_hopper(encoder._topk_partial_kernel, types, constants, num_warps=config.num_warps,
-                       num_stages=config.num_stages)
+    compiled = compile_for_hopper(encoder._topk_partial_kernel, types, constants, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
+    uses_wgmma = "wgmma.mma_async" in compiled.asm["ptx"]
+    spilled = spill_stores(compiled)
+    name = (f"_topk_partial_kernel {dtype} K_PAD={k_pad} threshold={has_threshold} mask={has_mask} "
+            f"{config.kwargs} warps={config.num_warps}")
+    print(f"{name}: {'wgmma' if uses_wgmma else 'no wgmma'}, {spilled} spill stores: sm_90 cubin")
+    return ([f"{name}: no wgmma"] if sixteen_bit and not uses_wgmma else []) + (
+        [f"{name}: {spilled} register spill stores"] if spilled else [])
 
 
 def merge_kernel(dtype: str) -> None:
@@ -45,7 +67,8 @@ def merge_kernel(dtype: str) -> None:
 
 
 def tile_shapes(k_pad: int, sixteen_bit: bool) -> list[triton.Config]:
-    """Each tile shape the autotuner may pick, once (warps and stages do not change what compiles)."""
+    """Each tile shape the autotuner may pick, once (its candidates differ otherwise only in stages, which
+    leave the registers as they are)."""
     seen, configs = set(), []
     for config in encoder.tuning_configs(k_pad, sixteen_bit):
         shape = tuple(sorted(config.kwargs.items()))
@@ -127,16 +150,15 @@ def attribution_kernels() -> int:
 
 def main() -> None:
     compiled = 0
+    slow = []  # encoder configurations off Hopper's fast path
     for dtype, has_threshold, has_mask in itertools.product(("fp32", "bf16", "fp16"), (False, True), (False, True)):
         default = triton.Config(dict(zip(("BLOCK_N", "BLOCK_M", "BLOCK_D"), encoder._default_tiles(32, dtype != "fp32"))),
                                 num_warps=8, num_stages=3)
-        partial_kernel(dtype, has_threshold, has_mask, default, 32)
-        print(f"_topk_partial_kernel {dtype} threshold={has_threshold} mask={has_mask}: sm_90 cubin")
+        slow += partial_kernel(dtype, has_threshold, has_mask, default, 32)
         compiled += 1
-    for dtype, k_pad in itertools.product(("fp32", "bf16"), (32, 128)):
+    for dtype, k_pad in itertools.product(("fp32", "bf16", "fp16"), (32, 64, 128, 256)):
         for config in tile_shapes(k_pad, dtype != "fp32"):
-            partial_kernel(dtype, True, True, config, k_pad)
-            print(f"_topk_partial_kernel {dtype} K_PAD={k_pad} {config.kwargs}: sm_90 cubin")
+            slow += partial_kernel(dtype, True, True, config, k_pad)
             compiled += 1
     for dtype in ("fp32", "bf16", "fp16"):
         merge_kernel(dtype)
@@ -152,6 +174,8 @@ def main() -> None:
         compiled += 1
     compiled += attribution_kernels()
     print(f"{compiled} kernels compiled")
+    if slow:
+        sys.exit("encoder configurations off Hopper's fast path:\n" + "\n".join(slow))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ Two kernels:
 x is centred on pre_bias once, by the launcher (`x - pre_bias` in x's dtype,
 as torch and the CPU kernel round it), not in every latent tile.
 
-On CUDA the partial kernel is autotuned over tile shapes, warps and stages
+On CUDA the partial kernel is autotuned over tile shapes and pipeline stages
 (keyed on d, M, k and the dtype); explicit block sizes, or the interpreter,
 launch one configuration.
 """
@@ -57,6 +57,8 @@ _MAX_KEY = tl.constexpr(2**63 - 1)
 _INDEX_BASE = tl.constexpr(2**31 - 1)
 # The image of every NaN: that of the positive quiet NaN 0x7FC00000, above +inf's 0xFF800000.
 _NAN_IMAGE = tl.constexpr(0xFFC00000)
+# The fewest rows an MMA tile needs for Hopper's wgmma (one warpgroup); Triton falls back to mma.sync below.
+_WGMMA_ROWS = tl.constexpr(64)
 
 
 @triton.jit
@@ -107,7 +109,13 @@ def _topk_partial_kernel(
         latents = m0 + tl.arange(0, BLOCK_M)
         latent_ok = latents < last
         w_rows = latents.to(tl.int64) * stride_wm
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        # Hopper's wgmma multiplies tiles of at least 64 rows (its M side, one warpgroup). A
+        # shorter row tile (large k: the running set's registers grow with BLOCK_N x K_PAD)
+        # computes the transposed product, latents on the M side, and transposes it back.
+        if BLOCK_N < _WGMMA_ROWS:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for c0 in range(0, d, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_ok = cols < d
@@ -116,7 +124,12 @@ def _topk_partial_kernel(
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             w = tl.load(w_ptr + w_rows[:, None] + cols64[None, :] * stride_wd,
                         mask=latent_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            if BLOCK_N < _WGMMA_ROWS:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if BLOCK_N < _WGMMA_ROWS:
+            acc = tl.trans(acc)
         pre = acc + tl.load(b_ptr + latents, mask=latent_ok, other=0.0).to(tl.float32)[None, :]
         # pre is never -0.0 (the accumulator starts at +0.0), so equal pre have equal bits.
         tile = _pack_keys(pre, latents)
@@ -190,34 +203,32 @@ def _default_splits(device: torch.device, row_blocks: int, M: int, k_pad: int, b
 # (in any row) and it is sorted and merged. A guess from operation counts (an insertion
 # step and a bitonic stage each cost about one pass over the tile), not yet measured.
 INSERT_LIMIT = 8
-# The widest latent tile among the autotuned configurations: splits are multiples of it.
-_MAX_BLOCK_M = 256
+# Every default and autotuned configuration's latent tile (splits are multiples of it): 64, wgmma's
+# M side where the latents are on it, and a tile of keys small enough to sort in registers.
+_BLOCK_M = 64
 
 
 def _default_tiles(k_pad: int, sixteen_bit: bool) -> tuple[int, int, int]:
-    """(block_n, block_m, block_d) within sm_90's register budget at 8 warps: the BLOCK_N x
-    BLOCK_M tile of int64 keys, the BLOCK_N x K_PAD running set, and for float32 the FMA
-    (IEEE) dot, which spills past 16 tile elements per thread; 16-bit tiles of 64 rows use
-    wgmma."""
-    return max(16, min(64 if sixteen_bit else 32, 4096 // k_pad)), 128, 64 if sixteen_bit else 32
+    """(block_n, block_m, block_d) that compile for sm_90 at 8 warps without spilling registers
+    (tests/triton_sm90.py checks each k_pad up to 256, with triton 3.6 and 3.9). The running set
+    holds BLOCK_N x K_PAD int64 keys, so rows shrink as k grows: 64 rows up to k = 64 (tokens on
+    wgmma's M side), 32 up to 256 (latents on it, see the kernel). float32 multiplies with FMAs
+    (IEEE), whose operand slices of BLOCK_D sit in registers: it takes 16 of depth."""
+    if sixteen_bit:
+        return max(16, min(64 if k_pad <= 64 else 32, 8192 // k_pad)), _BLOCK_M, 64
+    return max(16, min(32, 8192 // k_pad)), _BLOCK_M, 16
 
 
 def tuning_configs(k_pad: int, sixteen_bit: bool) -> list[triton.Config]:
-    """The autotuner's candidates: the default tiles and neighbours in rows, latents, depth,
-    warps and stages, kept within the register budget of _default_tiles."""
+    """The autotuner's candidates: the default tiles and (16-bit) half as many rows, at 8 warps and
+    3 or 4 stages. The shapes around them spill registers on triton 3.6 or 3.9: 4 warps, wider or
+    deeper 16-bit tiles, float32 at other shapes (tests/triton_sm90.py checks these)."""
     block_n, block_m, block_d = _default_tiles(k_pad, sixteen_bit)
-    shapes = {(block_n, block_m, block_d), (block_n, 2 * block_m, block_d), (block_n, block_m, 2 * block_d),
-              (max(16, block_n // 2), 2 * block_m, block_d)}
-    if block_n * 2 * k_pad <= 8192:
-        shapes.add((2 * block_n, block_m, block_d))
-    configs = []
-    for n, m, depth in sorted(shapes):
-        if m > _MAX_BLOCK_M or n * m > (8192 if sixteen_bit else 4096):
-            continue
-        for warps, stages in ((8, 3), (4, 4), (8, 4)):
-            configs.append(triton.Config(dict(BLOCK_N=n, BLOCK_M=m, BLOCK_D=depth), num_warps=warps,
-                                         num_stages=stages))
-    return configs
+    shapes = {(block_n, block_m, block_d)}
+    if sixteen_bit:
+        shapes.add((max(16, block_n // 2), block_m, block_d))
+    return [triton.Config(dict(BLOCK_N=n, BLOCK_M=m, BLOCK_D=depth), num_warps=8, num_stages=stages)
+            for n, m, depth in sorted(shapes) for stages in (3, 4)]
 
 
 @functools.cache
@@ -257,7 +268,7 @@ def topk_encode(
     default_n, default_m, default_d = _default_tiles(k_pad, sixteen_bit)
     block_n, block_m, block_d = block_n or default_n, block_m or default_m, block_d or default_d
     # Splits are whole multiples of every tile width a launch may use.
-    split_unit = _MAX_BLOCK_M if autotuned else block_m
+    split_unit = _BLOCK_M if autotuned else block_m
     splits = splits or _default_splits(x.device, triton.cdiv(N, block_n), M, k_pad, block_m)
     latents_per_split = triton.cdiv(triton.cdiv(M, splits), split_unit) * split_unit
     splits = triton.cdiv(M, latents_per_split)
