@@ -1,7 +1,8 @@
 """Parameter decomposition on the toy model of superposition (5 features, 2-d
 bottleneck): the worked run of the README, with fixed seeds. The target is trained
-from its own generator (seed 0); the components, gates and data come from another
-(seed 1)."""
+from its own generator (seed 0; the recovery test also seed 2); the components, gates
+and data come from another (seed 1). The recovery criterion itself is tested on
+components built by hand."""
 
 import dataclasses
 
@@ -21,12 +22,6 @@ from interpkernels.decomposition import (
     train_spd,
 )
 from interpkernels.decomposition.train import APDConfig, TrainingLog
-
-# The recovery test's run: TOY_CONFIG (the README's 4000 steps of 1024 tokens) cut to fit the
-# test budget: 2500 steps of 512 tokens at twice the learning rate.
-TEST_CONFIG = dataclasses.replace(toy.TOY_CONFIG, steps=2500, learning_rate=2e-2)
-TEST_BATCH = 512
-
 
 @pytest.fixture(scope="module")
 def target():
@@ -173,13 +168,16 @@ def test_spd_training_loop_logs_plain_lines_and_moves_toward_the_mechanisms(targ
 
 
 @pytest.mark.slow
-def test_spd_recovers_the_true_mechanisms(target):
-    """The README's claim at the test's budget (2500 steps of 512 tokens, ~16 s on one core): from
-    random components that do not recover the truth (features sharing a best component)
-    to every true feature owned by its own component at cosine >= 0.9, both layers
-    together; each owner carrying its whole mechanism (weight norm within 10%, not a
-    part of a feature split over several components); the components adding up to the target."""
-    layers, before, after = toy.decompose(target, config=TEST_CONFIG, batch=TEST_BATCH, progress=False)
+@pytest.mark.parametrize("target_seed", [0, 2])
+def test_spd_recovers_the_true_mechanisms(target_seed):
+    """The README's run (TOY_CONFIG, 5000 steps of 512 tokens, ~30 s per target on one core) on
+    two targets: from random components that recover nothing to every true mechanism carried
+    whole by a component of its own and by no other (Recovery.recovered), the components adding
+    up to the target. Target 2 with 2500 steps ended with feature 1 split 0.54 / 0.45 between
+    two parallel components (issue 15), which the cosine-only criterion called recovered."""
+    torch.set_num_threads(1)
+    target = toy.train_target(seed=target_seed)
+    layers, before, after = toy.decompose(target, progress=False)
     assert not before.recovered, before
     assert after.recovered, after
     assert max(layer.weight_delta().abs().max().item() for layer in layers.values()) < 0.05
