@@ -1,7 +1,8 @@
 """Parameter decomposition on the toy model of superposition (5 features, 2-d
 bottleneck): the worked run of the README, with fixed seeds. The target is trained
-from its own generator (seed 0); the components, gates and data come from another
-(seed 1)."""
+from its own generator (seed 0; the recovery test also seed 2); the components, gates
+and data come from another (seed 1). The recovery criterion itself is tested on
+components built by hand."""
 
 import dataclasses
 
@@ -22,12 +23,6 @@ from interpkernels.decomposition import (
 )
 from interpkernels.decomposition.train import APDConfig, TrainingLog, train_apd
 
-# The recovery test's run: TOY_CONFIG (the README's 4000 steps of 1024 tokens) cut to fit the
-# test budget: 2500 steps of 512 tokens at twice the learning rate.
-TEST_CONFIG = dataclasses.replace(toy.TOY_CONFIG, steps=2500, learning_rate=2e-2)
-TEST_BATCH = 512
-
-
 @pytest.fixture(scope="module")
 def target():
     torch.set_num_threads(1)
@@ -38,6 +33,57 @@ def test_target_is_in_superposition(target):
     """All 5 features represented (norm ~1) in 2 dimensions: the pentagon."""
     norms = target.hidden.weight.norm(dim=0)
     assert bool((norms > 0.9).all()), norms
+
+
+def pentagon() -> toy.ToyModelOfSuperposition:
+    """A target by hand: the 5 features on a regular pentagon, the superposition TMS learns."""
+    angles = torch.arange(5) * 2 * torch.pi / 5
+    return toy.ToyModelOfSuperposition(torch.stack([angles.cos(), angles.sin()]), torch.full((5,), -0.2))
+
+
+def hand_built_components(model, pieces):
+    """Tied components set by hand: component c is pieces[c] = (scale, feature i) of mechanism i,
+    scale x (W[:, i] e_i^T in hidden, e_i W[:, i]^T in readout)."""
+    hidden = LinearComponents(model.hidden, len(pieces))
+    with torch.no_grad():
+        hidden.V.zero_()
+        for c, (scale, feature) in enumerate(pieces):
+            hidden.V[feature, c] = 1
+            hidden.U[c] = scale * model.hidden.weight[:, feature]
+    return {"hidden": hidden, "readout": TransposedLinearComponents(model.readout, hidden)}
+
+
+WHOLE = [(1.0, feature) for feature in range(5)]
+
+
+@pytest.mark.parametrize("pieces, verdict", [
+    (WHOLE, "recovered"),
+    # A crumb along the mechanism but of no real norm (5%) does not split it.
+    ([(1.0, 0), (0.95, 1), (0.05, 1), (1.0, 2), (1.0, 3), (1.0, 4)], "recovered"),
+    # Issue 15: feature 1 carried 0.46 / 0.54 by two parallel components. Every feature still
+    # has a distinct best component at cosine 1, which the old criterion called recovered.
+    ([(1.0, 0), (0.46, 1), (0.54, 1), (1.0, 2), (1.0, 3), (1.0, 4)], "not recovered (split 1; unowned 1)"),
+    # An owner carrying 92% beside a second component carrying 15% (a third takes 7% back):
+    # split, though the owner alone would pass.
+    ([(1.0, 0), (0.92, 1), (0.15, 1), (-0.07, 1), (1.0, 2), (1.0, 3), (1.0, 4)], "not recovered (split 1)"),
+    # An owner 30% too long, cancelled by a reversed piece: adds up to the target, recovers nothing.
+    ([(1.3, 0), (-0.3, 0)] + WHOLE[1:], "not recovered (split 0; unowned 0)"),
+])
+def test_recovery_needs_each_mechanism_whole_in_one_component_and_no_other(pieces, verdict):
+    model = pentagon()
+    layers = hand_built_components(model, pieces)
+    # The pieces add up to the target in every case: faithfulness cannot tell them apart.
+    for layer in layers.values():
+        torch.testing.assert_close(layer.weight(), layer.target_weight)
+    found = toy.recovery(model, layers)
+    assert found.recovered == (verdict == "recovered"), found
+    assert found.verdict == verdict, found
+    assert min(found.cosine) > 0.999  # every owner points exactly along its mechanism
+    for feature in range(5):
+        owned = [scale for scale, f in pieces if f == feature]
+        shares = sorted(owned, key=abs, reverse=True) + [0.0]  # the runner-up of a whole copy carries 0
+        assert found.share[feature] == pytest.approx(max(owned), abs=1e-6)
+        assert found.runner_up_share[feature] == pytest.approx(shares[1], abs=1e-6)
 
 
 def test_transposed_components_are_the_sources_transposed_and_share_its_parameters():
@@ -96,7 +142,7 @@ def test_apd_training_loop_logs_plain_lines_and_fits_the_weights(target, capsys)
     assert all(" elapsed " in line and " left " in line for line in lines)  # the shared plain-line tail
     faithfulness = [float(line.split("faithfulness ")[1].split()[0]) for line in lines]
     assert faithfulness[1] < faithfulness[0]  # the components start adding up to the target
-    assert len(before.best_cosine) == len(after.best_cosine) == 5
+    assert len(before.cosine) == len(after.cosine) == 5
 
 
 def test_apd_and_spd_training_stop_on_a_nonfinite_loss(target):
@@ -137,21 +183,22 @@ def test_spd_training_loop_logs_plain_lines_and_moves_toward_the_mechanisms(targ
     assert [line.split()[1] for line in lines] == ["200/400", "400/400"]
     faithfulness = [float(line.split("faithfulness ")[1].split()[0]) for line in lines]
     assert faithfulness[-1] < faithfulness[0]
-    assert after.mean_best_cosine > before.mean_best_cosine + 0.1, (before, after)
+    assert after.mean_cosine > before.mean_cosine + 0.1, (before, after)
 
 
 @pytest.mark.slow
-def test_spd_recovers_the_true_mechanisms(target):
-    """The README's claim at the test's budget (2500 steps of 512 tokens, ~16 s on one core): from
-    random components that do not recover the truth (features sharing a best component)
-    to every true feature owned by its own component at cosine >= 0.9, both layers
-    together; each owner carrying its whole mechanism (weight norm within 10%, not a
-    part of a feature split over several components); the components adding up to the target."""
-    layers, before, after = toy.decompose(target, config=TEST_CONFIG, batch=TEST_BATCH, progress=False)
+@pytest.mark.parametrize("target_seed", [0, 2])
+def test_spd_recovers_the_true_mechanisms(target_seed):
+    """The README's run (TOY_CONFIG, 5000 steps of 512 tokens, ~40 s per target on the shared
+    2-core machine) on two targets: from random components that recover nothing to every true
+    mechanism carried whole by a component of its own and by no other (Recovery.recovered), the
+    components adding up to the target. Target 2 with 2500 steps ended with feature 1 split
+    0.54 / 0.45 between two parallel components (issue 15), which the cosine-only criterion
+    called recovered; target 0 at the old 4000 steps of 1024 ended with 11-12% of features 0 and 4
+    in a second component each (one reversed)."""
+    torch.set_num_threads(1)
+    target = toy.train_target(seed=target_seed)
+    layers, before, after = toy.decompose(target, progress=False)
     assert not before.recovered, before
-    assert after.distinct_owners, after
-    assert min(after.best_cosine) >= 0.9, after
-    assert after.recovered
-    owner_norms = toy.component_mechanisms(layers)[after.owner].norm(dim=1)
-    torch.testing.assert_close(owner_norms, toy.true_mechanisms(target).norm(dim=1), rtol=0.1, atol=0)
+    assert after.recovered, after
     assert max(layer.weight_delta().abs().max().item() for layer in layers.values()) < 0.05
