@@ -1,5 +1,5 @@
 """Parameter decomposition on the toy model of superposition (5 features, 2-d
-bottleneck): the worked run of the README, with fixed seeds. The target is trained
+bottleneck): the worked run of docs/decomposition.md, with fixed seeds. The target is trained
 from its own generator (seed 0; the recovery test also seed 2); the components, gates
 and data come from another (seed 1). The recovery criterion itself is tested on
 components built by hand."""
@@ -189,7 +189,7 @@ def test_spd_training_loop_logs_plain_lines_and_moves_toward_the_mechanisms(targ
 @pytest.mark.slow
 @pytest.mark.parametrize("target_seed", [0, 2])
 def test_spd_recovers_the_true_mechanisms(target_seed):
-    """The README's run (TOY_CONFIG, 5000 steps of 512 tokens, ~40 s per target on the shared
+    """The guide's run (TOY_CONFIG, 5000 steps of 512 tokens, ~40 s per target on the shared
     2-core machine) on two targets: from random components that recover nothing to every true
     mechanism carried whole by a component of its own and by no other (Recovery.recovered), the
     components adding up to the target. Target 2 with 2500 steps ended with feature 1 split

@@ -14,11 +14,11 @@ the next one carry (the thresholds are above ``Recovery``).
 
 The weights are tied, so are the components (TransposedLinearComponents):
 component c is P_c in ``hidden`` and P_c^T in ``readout``, as in APD's and
-SPD's own TMS runs. The README's run is SPD (TOY_CONFIG); APD (an APDConfig)
-runs on the same toy but does not recover it (README).
+SPD's own TMS runs. The guide's run (docs/decomposition.md) is SPD (TOY_CONFIG); APD (an APDConfig)
+runs on the same toy but does not recover it (same guide).
 
     python -m interpkernels.decomposition.toy --plot components.png
-    python -m interpkernels.decomposition.toy --target-seeds 0 1 2 3 --seeds 1 2 3  # the README's table
+    python -m interpkernels.decomposition.toy --target-seeds 0 1 2 3 --seeds 1 2 3  # the guide's table
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from interpkernels.decomposition.components import LinearComponents, TransposedL
 from interpkernels.decomposition.spd import CausalImportance, SPDConfig, train_spd
 from interpkernels.decomposition.train import APDConfig, train_apd
 
-# The README's run: SPD's TMS 5-2 settings (C = 20, importance weight 3e-3, p = 1, gates of 16
+# The guide's run: SPD's TMS 5-2 settings (C = 20, importance weight 3e-3, p = 1, gates of 16
 # neurons, output MSE: reconstruction_loss / 5 outputs), with a larger learning rate and fewer
 # steps than SPD's 1e-3 x 40k so that it runs in about half a minute on a CPU. Two parallel
 # components sharing a feature merge only slowly (both gates stay open, and only a gate that
 # closes lets one of them shrink), so the steps matter more than the tokens:
-# 5000 steps of 512 tokens recovered all 4 runs on seeds held out from the README's table
+# 5000 steps of 512 tokens recovered all 4 runs on seeds held out from the guide's table
 # (targets 4, 5 x seeds 4, 5), where 2500 steps recovered 1 (4000 of 1024 at 1e-2: 5 of the 12).
 TOY_CONFIG = SPDConfig(steps=5000, learning_rate=2e-2, reconstruction_weight=0.2, importance_weight=3e-3,
                        importance_p=1.0, log_every=500)
@@ -99,7 +99,7 @@ def component_mechanisms(layers: dict[str, LinearComponents]) -> torch.Tensor:
     return torch.cat([layer.component_weights().detach().flatten(1) for layer in layers.values()], 1)
 
 
-# What "recovered" means (README). A component's share of a mechanism m is the part of m it
+# What "recovered" means (docs/decomposition.md). A component's share of a mechanism m is the part of m it
 # carries: its weights projected on m's direction, over m's norm, <w, m> / |m|^2 (1: all of m;
 # two parallel halves: 0.5 each; negative: against m). A mechanism is owned by the component
 # with the largest share, and recovered when that owner is a whole copy of it (cosine >=
