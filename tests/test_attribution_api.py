@@ -199,8 +199,9 @@ def test_atp_nodes_match_dense_autograd(toy, gradient):
     check_nodes(result, dense_oracle(model, sites, clean, patched, logit_difference, gradient=gradient))
     assert not any(m._forward_hooks for m in model.modules())
     # The scores estimate the metric's change; the attribute's own metric values are the model's.
-    assert result.metric_clean == pytest.approx(float(logit_difference(model(clean)).sum()), rel=1e-9)
-    assert result.metric_patched == pytest.approx(float(logit_difference(model(patched)).sum()), rel=1e-9)
+    with torch.no_grad():
+        assert result.metric_clean == pytest.approx(float(logit_difference(model(clean)).sum()), rel=1e-9)
+        assert result.metric_patched == pytest.approx(float(logit_difference(model(patched)).sum()), rel=1e-9)
 
 
 def test_reductions_sum_the_per_token_scores(toy):
