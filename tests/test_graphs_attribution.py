@@ -133,6 +133,18 @@ def test_every_edge_is_a_frozen_intervention(dtype, architecture, skip):
     assert bool((graph.active_features[:, 1] > 0).all())
 
 
+def write_case(folder, architecture: str, dtype: torch.dtype, skip: bool, **side_options) -> None:
+    """The folder circuit_tracer_side.py's graph command reads: random_case(seed=1)'s
+    model and transcoders, the prompt, and its config (plus `side_options`)."""
+    model, transcoders = random_case(dtype, architecture, skip, seed=1)
+    save_transcoders(transcoders, folder / "transcoders")
+    save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, folder / "model.safetensors")
+    save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
+    (folder / "config.json").write_text(json.dumps(
+        {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
+         "attribute": OPTIONS, "prune": PRUNINGS, **side_options}))
+
+
 @pytest.fixture(scope="module")
 def circuit_tracer_graphs(tmp_path_factory) -> dict:
     """circuit-tracer's attribute() on every case (architecture, dtype, skip),
@@ -140,14 +152,7 @@ def circuit_tracer_graphs(tmp_path_factory) -> dict:
     folders = {}
     for architecture, dtype, skip in itertools.product(ARCHITECTURES, DTYPES, [False, True]):
         folder = folders[architecture, dtype, skip] = tmp_path_factory.mktemp(f"{architecture}-{dtype}-{skip}")
-        model, transcoders = random_case(dtype, architecture, skip, seed=1)
-        save_transcoders(transcoders, folder / "transcoders")
-        save_file({name: p.detach().contiguous() for name, p in model.named_parameters()},
-                  folder / "model.safetensors")
-        save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
-        (folder / "config.json").write_text(json.dumps(
-            {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
-             "attribute": OPTIONS, "prune": PRUNINGS}))
+        write_case(folder, architecture, dtype, skip)
     run_circuit_tracer("graph", *folders.values())
     return folders
 
