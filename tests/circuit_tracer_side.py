@@ -18,6 +18,13 @@ whatever it writes comes from circuit-tracer's code alone.
         FOLDER/transcoders and the prompt FOLDER/tokens.safetensors ("tokens",
         BOS first); FOLDER/theirs.safetensors gets the Graph's tensors, the
         masks and cumulative scores of prune_graph() and compute_graph_scores().
+    python circuit_tracer_side.py frontend FOLDER...
+        As graph, then for each FOLDER (its config.json also holds create_graph_files'
+        thresholds under "frontend"): create_graph_files on their Graph into
+        FOLDER/theirs_json; FOLDER/ours/graph.json validated by their frontend's
+        pydantic Model; FOLDER/ours.pt opened by Graph.from_pt; FOLDER/graphs.json
+        and FOLDER/graphs.safetensors get both Graphs' fields ("theirs", "loaded")
+        and the validated node and link counts.
 """
 
 import json
@@ -105,6 +112,7 @@ def graph(folder: str) -> None:
     from transformer_lens import HookedTransformerConfig
 
     config = json.loads(open(f"{folder}/config.json").read())
+    config.pop("frontend", None)
     dtype = DTYPES[config.pop("dtype")]
     attribute_options, prune_options = config.pop("attribute"), config.pop("prune")
     # attribute() allocates its edge matrix in the default dtype.
@@ -131,7 +139,42 @@ def graph(folder: str) -> None:
         tensors |= {f"node_mask{index}": pruned.node_mask, f"edge_mask{index}": pruned.edge_mask,
                     f"cumulative_scores{index}": pruned.cumulative_scores}
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, f"{folder}/theirs.safetensors")
+    return result
+
+
+def graph_fields(graph, prefix: str) -> tuple[dict, dict]:
+    """A circuit-tracer Graph's tensors (``prefix.name``) and its other fields, as JSON."""
+    tensors = {f"{prefix}.{name}": getattr(graph, name).contiguous()
+               for name in ("adjacency_matrix", "active_features", "selected_features", "activation_values",
+                            "logit_probabilities", "input_tokens", "logit_token_ids")}
+    config = {name: str(value) for name, value in graph.cfg.to_dict().items()}
+    return tensors, {"input_string": graph.input_string, "vocab_size": graph.vocab_size, "scan": graph.scan,
+                     "n_pos": graph.n_pos, "cfg": config, "cfg_type": type(graph.cfg).__name__,
+                     "logit_targets": [[target.token_str, target.vocab_idx] for target in graph.logit_targets]}
+
+
+def frontend(*folders: str) -> None:
+    from circuit_tracer.frontend.graph_models import Model
+    from circuit_tracer.graph import Graph
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    for folder in folders:
+        theirs = graph(folder)
+        loaded = Graph.from_pt(f"{folder}/ours.pt")
+        tensors, fields = {}, {}
+        for prefix, one in (("theirs", theirs), ("loaded", loaded)):
+            one_tensors, fields[prefix] = graph_fields(one, prefix)
+            tensors |= one_tensors
+        validated = Model.model_validate_json(open(f"{folder}/ours/graph.json").read())
+        fields["validated"] = {"nodes": len(validated.nodes), "links": len(validated.links)}
+        thresholds = json.loads(open(f"{folder}/config.json").read())["frontend"]
+        # A model built from a config names no tokenizer; create_graph_files loads it by this name.
+        theirs.cfg.tokenizer_name = f"{folder}/tokenizer"
+        create_graph_files(theirs, slug="graph", output_path=f"{folder}/theirs_json", **thresholds)
+        save_file(tensors, f"{folder}/graphs.safetensors")
+        with open(f"{folder}/graphs.json", "w") as f:
+            json.dump(fields, f)
 
 
 if __name__ == "__main__":
-    {"read": read, "write": write, "graph": graphs}[sys.argv[1]](*sys.argv[2:])
+    {"read": read, "write": write, "graph": graphs, "frontend": frontend}[sys.argv[1]](*sys.argv[2:])

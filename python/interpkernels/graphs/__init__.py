@@ -5,7 +5,10 @@
   between circuit-tracer and interpkernels unchanged;
 - :func:`attribution_graph`: circuit-tracer's graph of a prompt (unpruned;
   ``.prune()`` and ``.scores()`` as theirs) on a
-  TransformerLens model (GPT-2 or Llama style) with per-layer transcoders.
+  TransformerLens model (GPT-2 or Llama style) with per-layer transcoders;
+- its files for circuit-tracer (:mod:`interpkernels.graphs.export`): their
+  frontend's JSON (``AttributionGraph.save_json``) and their ``Graph.to_pt``
+  file (``AttributionGraph.to_circuit_tracer_file``).
 """
 
 from interpkernels.graphs.attribution import AttributionGraph, attribution_graph

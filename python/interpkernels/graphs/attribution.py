@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from interpkernels.graphs import pruning
+from interpkernels.graphs import export, pruning
 from interpkernels.graphs.pruning import PrunedGraph
 from interpkernels.graphs.transcoders import DEFAULT_INPUT_HOOK, DEFAULT_OUTPUT_HOOK, TranscoderSet
 from interpkernels.nn import Transcoder
@@ -86,6 +86,18 @@ class AttributionGraph:
     def scores(self) -> tuple[float, float]:
         """(replacement, completeness), circuit-tracer's compute_graph_scores."""
         return pruning.scores(self)
+
+    def save_json(self, path, tokenizer, *, scan: str, slug: str | None = None, node_threshold: float = 0.8,
+                  edge_threshold: float = 0.98) -> None:
+        """circuit-tracer's frontend JSON of this graph pruned at these
+        thresholds, as their create_graph_files writes it (interpkernels.graphs.export.save_json)."""
+        export.save_json(self, path, tokenizer, scan=scan, slug=slug, node_threshold=node_threshold,
+                         edge_threshold=edge_threshold)
+
+    def to_circuit_tracer_file(self, path, model, tokenizer=None, *, scan: str | list[str] | None = None) -> None:
+        """The file circuit-tracer's Graph.to_pt writes; their Graph.from_pt opens it
+        (interpkernels.graphs.export.save_circuit_tracer_graph)."""
+        export.save_circuit_tracer_graph(self, path, model, tokenizer, scan=scan)
 
 
 @dataclass
