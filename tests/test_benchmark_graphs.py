@@ -41,3 +41,11 @@ def test_both_tools_build_the_same_graph(tmp_path):
         assert ours[size] == theirs[size], size
     assert by_key["circuit-tracer", 12]["status"] == "not run: past --circuit-tracer-max-tokens 8"
     assert by_key["interpkernels", 12]["status"] == "ok"
+
+
+def test_a_run_past_its_time_limit_is_stopped_and_still_reports_its_peak(tmp_path):
+    # One second does not reach the graph (importing torch alone takes longer here).
+    rows = graphs.main(["--tokens", "8", "--tools", "interpkernels", *TINY, "--time-limit", "1",
+                        "--csv", str(tmp_path / "graphs.csv")])
+    assert rows[0]["status"] == "over the 1 s limit"
+    assert 0 < rows[0]["peak_rss_gib"] < 4 and "total_s" not in rows[0]

@@ -26,6 +26,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -137,16 +138,34 @@ def run_one(tool: str, folder: Path, circuit_tracer_python: Path, time_limit_s: 
             limit = int(memory_limit_gib * GIB)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=time_limit_s,
-                                preexec_fn=limit_memory)
-    except subprocess.TimeoutExpired:
-        return {"status": f"over the {time_limit_s:.0f} s limit"}
-    if result.returncode != 0:
-        out_of_memory = any(sign in result.stderr for sign in ("MemoryError", "DefaultCPUAllocator", "out of memory"))
+    # Reaped with wait4 for the child's own rusage: a run that fails still tells its peak RSS.
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=environment,
+                                   preexec_fn=limit_memory)
+        timed_out = threading.Event()
+
+        def stop():
+            timed_out.set()
+            process.kill()
+
+        timer = threading.Timer(time_limit_s, stop)
+        timer.start()
+        _, wait_status, usage = os.wait4(process.pid, 0)
+        timer.cancel()
+        process.returncode = os.waitstatus_to_exitcode(wait_status)
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
+    peak_when_failed = {"peak_rss_bytes": usage.ru_maxrss * 1024}
+    if timed_out.is_set():
+        return {"status": f"over the {time_limit_s:g} s limit", **peak_when_failed}
+    if process.returncode != 0:
+        out_of_memory = any(sign in errors for sign in ("MemoryError", "DefaultCPUAllocator", "out of memory"))
         limit = f"over the {memory_limit_gib:g} GiB address-space limit" if out_of_memory else None
-        return {"status": limit or f"failed (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:]}"}
-    return {"status": "ok", **json.loads(result.stdout.strip().splitlines()[-1])}
+        return {"status": limit or f"failed (exit {process.returncode}): {errors.strip().splitlines()[-1:]}",
+                **peak_when_failed}
+    # Its own figure, read right after pruning: the sizes counted afterwards do not add to it.
+    return {"status": "ok", **json.loads(output.strip().splitlines()[-1])}
 
 
 def run(tokens: list[int], tools: list[str], *, layers: int, d_model: int, latents: int, active: int,
@@ -173,9 +192,10 @@ def run(tokens: list[int], tools: list[str], *, layers: int, d_model: int, laten
                     result = run_one(tool, folder, circuit_tracer_python, time_limit_s, memory_limit_gib)
                 row = {"tool": tool, "tokens": n_tokens, "load_average_1min": load, "threads": threads, **shape,
                        **{key: value for key, value in result.items() if key != "peak_rss_bytes"}}
+                if "peak_rss_bytes" in result:
+                    row["peak_rss_gib"] = result["peak_rss_bytes"] / GIB
                 if result["status"] == "ok":
                     row["total_s"] = result["attribute_s"] + result["prune_s"]
-                    row["peak_rss_gib"] = result["peak_rss_bytes"] / GIB
                 rows.append(row)
                 log(rows)
     return rows
@@ -183,7 +203,8 @@ def run(tokens: list[int], tools: list[str], *, layers: int, d_model: int, laten
 
 def format_row(row: dict) -> str:
     if row["status"] != "ok":
-        return f"{row['tool']:>15} {row['tokens']:>6} tokens: {row['status']}"
+        peak = f" (peak RSS {row['peak_rss_gib']:.2f} GiB)" if "peak_rss_gib" in row else ""
+        return f"{row['tool']:>15} {row['tokens']:>6} tokens: {row['status']}{peak}"
     return (f"{row['tool']:>15} {row['tokens']:>6} tokens: attribute {row['attribute_s']:8.2f} s, prune "
             f"{row['prune_s']:7.2f} s, peak RSS {row['peak_rss_gib']:6.2f} GiB, {row['features']} features, "
             f"{row['edges']} edges, pruned to {row['pruned_nodes']} nodes (load {row['load_average_1min']:.2f})")
