@@ -2,6 +2,8 @@
 
 `python -m interpkernels bench` runs them all and prints the table; each op
 module (`python -m interpkernels.benchmarks.<op>`) defines its cases.
+Attribution graphs, whole pipelines compared with circuit-tracer in fresh
+subprocesses, have their own entry: `python -m interpkernels.benchmarks.graphs`.
 """
 
 from interpkernels.benchmarks import (
