@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from interpkernels._nonfinite import NonFiniteWatch
 from interpkernels._progress import Progress
 from interpkernels.distributed.checkpoint import fsync, load_checkpoint_into, save_checkpoint
 from interpkernels.distributed.sharded import LatentShards
@@ -409,14 +410,11 @@ def train(
     batch_iter = iter(batches)
     for _ in range(batches_to_skip):
         next(batch_iter)
-    # The first step whose loss was not finite, kept on the device: checked (one sync)
-    # only where the loop waits for the device anyway.
-    never = steps + 1
-    nonfinite_step = torch.tensor(never, device=device)
+    nonfinite = NonFiniteWatch(steps, device)
 
     def stop_if_nonfinite() -> None:
-        first = ranks.minimum(nonfinite_step)
-        if first < never:
+        first = ranks.minimum(nonfinite.first)
+        if first < nonfinite.never:
             where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
                      else "no checkpoint was written before it")
             raise FloatingPointError(f"train: the loss or the parameters became non-finite (NaN or inf) at step "
@@ -435,7 +433,7 @@ def train(
         loss = out.fvu + auxk_coefficient * out.auxk_loss
         if isinstance(module, JumpReLUSAE):
             loss = loss + sparsity_coefficient * out.l0
-        nonfinite_step = torch.minimum(nonfinite_step, torch.where(loss.detach().isfinite(), never, step))
+        nonfinite.loss(loss, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if normalize_decoder and module.normalizes_decoder:
@@ -470,8 +468,7 @@ def train(
         if showing:
             display.report(step, fvu, l0, dead_latents)
         if checkpoint_dir is not None and step % checkpoint_every == 0:
-            parameters_finite = torch.stack([p.detach().isfinite().all() for p in parameters]).all()
-            nonfinite_step = torch.where(parameters_finite, nonfinite_step, nonfinite_step.clamp(max=step))
+            nonfinite.parameters(parameters, step)
             stop_if_nonfinite()
             state = _training_state(step, ranks, optimizer, dead, history, batches, device)
             last_checkpoint = _write_checkpoint(checkpoint_dir, step, module, state, ranks, keep_checkpoints)

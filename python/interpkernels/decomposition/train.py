@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from interpkernels._hooks import forward_hooks
+from interpkernels._nonfinite import NonFiniteWatch
 from interpkernels._progress import Progress
 from interpkernels.decomposition.components import LinearComponents
 from interpkernels.decomposition.jacobian import output_jacobian_rows
@@ -151,22 +152,20 @@ def optimise(parameters: list[nn.Parameter], steps: int, learning_rate: Callable
     logging step the terms are appended to ``history`` (a list per term name, and ``step``)."""
     optimizer = torch.optim.Adam(parameters, lr=learning_rate(1))
     log = TrainingLog(steps, log_every, progress)
-    # The first step whose loss was not finite, kept on the device; checked on logging steps
-    # (they sync anyway, and the last step is one), as interpkernels.train does.
-    never = steps + 1
-    nonfinite_step = torch.tensor(never)
+    # Checked on logging steps: they sync anyway, and the last step is one.
+    nonfinite = NonFiniteWatch(steps, parameters[0].device)
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step)
         terms = loss_terms()
         loss = sum(weight * terms[name] for name, weight in weights.items())
-        nonfinite_step = torch.minimum(nonfinite_step, torch.where(loss.detach().isfinite(), never, step))
+        nonfinite.loss(loss, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if log.update(step, terms):
-            if int(nonfinite_step) < never:
-                raise FloatingPointError(f"the loss became non-finite (NaN or inf) at step {int(nonfinite_step)}; "
+            if int(nonfinite.first) < nonfinite.never:
+                raise FloatingPointError(f"the loss became non-finite (NaN or inf) at step {int(nonfinite.first)}; "
                                          "the components now hold non-finite parameters")
             history.step.append(step)
             for name, value in terms.items():
