@@ -58,7 +58,8 @@ def test_graph_equals_their_attribute(case, dropin_graphs):
     ours, theirs = tensors["ours.adjacency_matrix"], tensors["theirs.adjacency_matrix"]
     assert ((theirs != 0) & (ours == 0)).sum() == 0 and (theirs != 0).sum() > 500
     assert tensors["ours.active_features"].shape[0] > 20
-    want_tokens = ([PAD] if isinstance(CASES[case][3]["prompt"], str) else []) + TOKENS.tolist()
+    # The text is TOKENS after their BOS: their ensure_tokenized puts the pad token there instead.
+    want_tokens = [PAD] + TOKENS[1:].tolist() if isinstance(CASES[case][3]["prompt"], str) else TOKENS.tolist()
     assert tensors["theirs.input_tokens"].tolist() == want_tokens
 
 
