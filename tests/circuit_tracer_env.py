@@ -34,7 +34,8 @@ def circuit_tracer_python() -> pathlib.Path:
     return python
 
 
-def run_circuit_tracer(*arguments: object, script: pathlib.Path = SIDE_SCRIPT, with_interpkernels: bool = False) -> None:
+def run_circuit_tracer(*arguments: object, script: pathlib.Path = SIDE_SCRIPT,
+                       with_interpkernels: bool = False) -> None:
     """`script` (circuit_tracer_side.py) with these arguments, offline, failing
     the test with its stderr. with_interpkernels: the interpkernels this
     process imported (the one under test) comes first on the script's path,
