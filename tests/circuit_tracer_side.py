@@ -87,16 +87,27 @@ def write(folder: str, inputs: str, out: str, dtype: str, seed: str) -> None:
     save_file(describe(transcoders, load_file(inputs)), out)
 
 
-def word_level_tokenizer(vocabulary_size: int, folder: str):
+def word_level_tokenizer(vocabulary_size: int, folder: str, *, text_prompts: bool = False):
     """A tokenizer for the test's vocabulary, built here (no download; token 0 is
-    BOS) and loaded from a folder, as TransformerLens reloads it by name."""
+    BOS) and loaded from a folder, as TransformerLens reloads it by name.
+    text_prompts: text splits on whitespace, and the last id is a pad token,
+    the special token their ensure_tokenized puts before a prompt that starts
+    with none (it passes over id 0, which is falsy)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     vocabulary = {"<bos>": 0, **{f"w{i}": i for i in range(1, vocabulary_size)}}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocabulary, unk_token="w1")),
-                            bos_token="<bos>").save_pretrained(folder)
+    special = {"bos_token": "<bos>"}
+    if text_prompts:
+        del vocabulary[f"w{vocabulary_size - 1}"]
+        vocabulary["<pad>"] = vocabulary_size - 1
+        special["pad_token"] = "<pad>"
+    tokenizer = Tokenizer(WordLevel(vocabulary, unk_token="w1"))
+    if text_prompts:
+        tokenizer.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -105,22 +116,24 @@ def graphs(*folders: str) -> None:
         graph(folder)
 
 
-def graph(folder: str) -> None:
-    from circuit_tracer import ReplacementModel, attribute
-    from circuit_tracer.graph import compute_graph_scores, prune_graph
+def replacement_model(folder: str, *, lazy_decoder: bool = False, text_prompts: bool = False):
+    """circuit-tracer's ReplacementModel (TransformerLens backend) of FOLDER, as
+    the graph command describes it, and FOLDER/config.json's other entries;
+    the tokenizer is saved to FOLDER/tokenizer."""
+    from circuit_tracer import ReplacementModel
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
     from transformer_lens import HookedTransformerConfig
 
     config = json.loads(open(f"{folder}/config.json").read())
-    config.pop("frontend", None)
+    options = {key: config.pop(key) for key in ("frontend", "attribute", "prune", "dropin") if key in config}
     dtype = DTYPES[config.pop("dtype")]
-    attribute_options, prune_options = config.pop("attribute"), config.pop("prune")
     # attribute() allocates its edge matrix in the default dtype.
     torch.set_default_dtype(dtype)
     transcoders, _ = load_transcoder_from_hub(f"{folder}/transcoders", device=torch.device("cpu"), dtype=dtype,
-                                              lazy_decoder=False)
+                                              lazy_decoder=lazy_decoder)
+    tokenizer = word_level_tokenizer(config["d_vocab"], f"{folder}/tokenizer", text_prompts=text_prompts)
     model = ReplacementModel.from_config(HookedTransformerConfig(**config, dtype=dtype, device="cpu"), transcoders,
-                                         backend="transformerlens", tokenizer=word_level_tokenizer(config["d_vocab"], f"{folder}/tokenizer"))
+                                         backend="transformerlens", tokenizer=tokenizer)
     # The replacement model wraps each MLP (mlp.old_mlp) and the unembedding (unembed.old_unembed).
     parameters = {name.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed."): tensor
                   for name, tensor in load_file(f"{folder}/model.safetensors").items()}
@@ -129,15 +142,31 @@ def graph(folder: str) -> None:
     kept = ({name for name, _ in model.named_buffers(remove_duplicate=False)}
             | {name for name in missing if name.startswith("transcoders.")})
     assert not unexpected and set(missing) <= kept, (missing, unexpected)
-    result = attribute(load_file(f"{folder}/tokens.safetensors")["tokens"], model, **attribute_options)
-    tensors = {"adjacency": result.adjacency_matrix, "active_features": result.active_features,
-               "activation_values": result.activation_values, "selected_features": result.selected_features,
-               "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities,
-               "scores": torch.tensor(compute_graph_scores(result), dtype=torch.float64)}
+    return model, options
+
+
+def pruned_fields(graph, prune_options: list[dict]) -> dict:
+    """compute_graph_scores(graph) and, for each of prune_graph()'s options,
+    its masks and cumulative scores (numbered as the options)."""
+    from circuit_tracer.graph import compute_graph_scores, prune_graph
+
+    tensors = {"scores": torch.tensor(compute_graph_scores(graph), dtype=torch.float64)}
     for index, options in enumerate(prune_options):
-        pruned = prune_graph(result, **options)
+        pruned = prune_graph(graph, **options)
         tensors |= {f"node_mask{index}": pruned.node_mask, f"edge_mask{index}": pruned.edge_mask,
                     f"cumulative_scores{index}": pruned.cumulative_scores}
+    return tensors
+
+
+def graph(folder: str) -> None:
+    from circuit_tracer import attribute
+
+    model, options = replacement_model(folder)
+    result = attribute(load_file(f"{folder}/tokens.safetensors")["tokens"], model, **options["attribute"])
+    tensors = {"adjacency": result.adjacency_matrix, "active_features": result.active_features,
+               "activation_values": result.activation_values, "selected_features": result.selected_features,
+               "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities}
+    tensors |= pruned_fields(result, options["prune"])
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, f"{folder}/theirs.safetensors")
     return result
 

@@ -231,3 +231,15 @@ def test_a_layer_without_active_features():
     assert graph.n_features > 0 and not bool((graph.active_features[:, 0] == 1).any())
     want = frozen_intervention_adjacency(model, transcoders, graph)
     assert (graph.adjacency.to_dense() - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+def test_progress_reports_rows_on_stderr_and_can_be_silenced(monkeypatch, capsys):
+    from interpkernels._progress import Progress
+
+    model, transcoders = random_case(torch.float64)
+    monkeypatch.setattr(Progress, "PLAIN_LINE_SECONDS", 0.0)  # a line after every batch (stderr is not a terminal)
+    graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
+    rows = graph.n_features + graph.logit_tokens.shape[0]
+    assert f"attributed {rows:,} of {rows:,} rows" in capsys.readouterr().err
+    attribution_graph(model, transcoders, TOKENS, **OPTIONS, progress=False)
+    assert capsys.readouterr().err == ""

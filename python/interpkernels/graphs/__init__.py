@@ -8,7 +8,11 @@
   TransformerLens model (GPT-2 or Llama style) with per-layer transcoders;
 - its files for circuit-tracer (:mod:`interpkernels.graphs.export`): their
   frontend's JSON (``AttributionGraph.save_json``) and their ``Graph.to_pt``
-  file (``AttributionGraph.to_circuit_tracer_file``).
+  file (``AttributionGraph.to_circuit_tracer_file``); their ``Graph`` object
+  where circuit-tracer imports (``AttributionGraph.to_circuit_tracer``).
+
+circuit-tracer's own ``attribute()`` on this engine, for its users:
+:mod:`interpkernels.integrations.circuit_tracer`.
 """
 
 from interpkernels.graphs.attribution import AttributionGraph, attribution_graph

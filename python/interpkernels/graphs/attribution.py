@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from interpkernels._progress import Progress
 from interpkernels.graphs import export, pruning
 from interpkernels.graphs.pruning import PrunedGraph
 from interpkernels.graphs.transcoders import DEFAULT_INPUT_HOOK, DEFAULT_OUTPUT_HOOK, TranscoderSet
@@ -98,6 +99,12 @@ class AttributionGraph:
         """The file circuit-tracer's Graph.to_pt writes; their Graph.from_pt opens it
         (interpkernels.graphs.export.save_circuit_tracer_graph)."""
         export.save_circuit_tracer_graph(self, path, model, tokenizer, scan=scan)
+
+    def to_circuit_tracer(self, model, tokenizer=None, *, scan: str | list[str] | None = None):
+        """circuit-tracer's ``Graph`` of this graph, where circuit-tracer imports
+        (interpkernels.graphs.export.circuit_tracer_graph); arguments as
+        :meth:`to_circuit_tracer_file`."""
+        return export.circuit_tracer_graph(self, model, tokenizer, scan=scan)
 
 
 @dataclass
@@ -252,7 +259,7 @@ def _edges_of_batch(gradients, codes: list[_LayerCode], token_vectors: torch.Ten
 
 def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], tokens: torch.Tensor, *,
                       max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-                      batch_size: int = 64) -> AttributionGraph:
+                      batch_size: int = 64, progress: bool = True) -> AttributionGraph:
     """The attribution graph of `tokens` (1-D, BOS first) on a TransformerLens
     ``HookedTransformer`` (tested: GPT-2 style, LayerNorm and learned
     positions; Llama style, RMSNorm, rotary and gated MLP) with one
@@ -261,7 +268,8 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
     ``attribute(tokens, ReplacementModel(model, transcoders),
     max_n_logits=..., desired_logit_prob=...)`` with every feature's row
     computed (its max_feature_nodes=None). batch_size: target rows per
-    vector-Jacobian product.
+    vector-Jacobian product. progress: the rows done, on stderr
+    (interpkernels._progress.Progress; False: silent).
 
     A transcoder's code is used as it encodes: give JumpReLU transcoders
     ``k = num_latents`` (load_transcoders' default) to keep every active latent.
@@ -302,6 +310,7 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
     leaves = [*mlp_outputs, embedding]
     token_vectors = embedding[0].detach()
     rows, columns, values = [], [], []
+    bar = Progress(target_rows.shape[0], "row", progress)
     for start in range(0, target_rows.shape[0], batch_size):
         batch = slice(start, start + batch_size)
         seeds = [site.new_zeros(target_rows[batch].shape[0], *site.shape) for site in sites]
@@ -315,6 +324,10 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
         rows.append(target_rows[batch][member])
         columns.append(source_columns[reached][column])
         values.append(batch_edges[member, column])
+        bar.advance(seeds[0].shape[0])
+        if bar.due():
+            bar.show(f"attributed {bar.done:,} of {bar.total:,} rows", f"{sum(map(len, values)):,} edges")
+    bar.close()
 
     adjacency = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(columns)]), torch.cat(values),
                                         (n_nodes, n_nodes), check_invariants=True).coalesce()

@@ -60,6 +60,36 @@ def _layer_files(folder: Path) -> dict[int, Path]:
             if (match := _LAYER_FILE.fullmatch(path.name))}
 
 
+def transcoder_from_tensors(tensors: dict[str, torch.Tensor], *, k: int | None = None,
+                            where: str = "tensors") -> JumpReLUTranscoder:
+    """One per-layer transcoder from circuit-tracer's tensors (a layer file's,
+    or a live ``SingleLayerTranscoder``'s ``state_dict()``): a
+    :class:`~interpkernels.nn.JumpReLUTranscoder` holding these very tensors,
+    not copies (a ReLU one, without ``activation_function.threshold``, gets
+    zero thresholds). k: latents kept per token, the largest; None keeps all.
+    `where` names the tensors' origin in errors."""
+    if missing := _REQUIRED_KEYS - tensors.keys():
+        raise ValueError(f"{where} lacks {sorted(missing)}")
+    if unknown := tensors.keys() - _KNOWN_KEYS:
+        raise ValueError(f"{where} has {sorted(unknown)}, not in circuit-tracer's per-layer format")
+    num_latents, d_model = tensors["W_enc"].shape
+    tensors = dict(tensors)
+    threshold = tensors.pop(THRESHOLD_KEY, None)
+    if threshold is None:
+        threshold = tensors["b_enc"].new_zeros(num_latents)
+    elif threshold.shape != (num_latents,):
+        raise ValueError(f"{where}: {THRESHOLD_KEY} has shape {tuple(threshold.shape)}, expected ({num_latents},)")
+    elif bool((threshold < 0).any()):
+        raise ValueError(f"{where} has negative thresholds; a JumpReLU code here is taken from relu(pre)")
+    tensors["threshold"] = threshold
+    with torch.device("meta"):
+        transcoder = JumpReLUTranscoder(d_model, num_latents, num_latents if k is None else k,
+                                        skip="W_skip" in tensors, initial_threshold=0.0)
+    # assign=True keeps the given tensors (and dtype) instead of copying into float32 ones.
+    transcoder.load_state_dict(tensors, assign=True)
+    return transcoder
+
+
 def load_transcoders(folder: str | Path, *, k: int | None = None, device: str | torch.device = "cpu",
                      dtype: torch.dtype | None = None) -> TranscoderSet:
     """Read a folder of per-layer transcoders in circuit-tracer's format.
@@ -95,27 +125,8 @@ def load_transcoders(folder: str | Path, *, k: int | None = None, device: str | 
         raise ValueError(f"folder: needs layer_0.safetensors .. layer_{{L-1}}.safetensors, found layers "
                          f"{sorted(files)}")
 
-    transcoders = []
-    for layer in range(len(files)):
-        tensors = load_file(str(files[layer]))
-        where = f"folder: {files[layer].name}"
-        if missing := _REQUIRED_KEYS - tensors.keys():
-            raise ValueError(f"{where} lacks {sorted(missing)}")
-        if unknown := tensors.keys() - _KNOWN_KEYS:
-            raise ValueError(f"{where} has {sorted(unknown)}, not in circuit-tracer's per-layer format")
-        num_latents, d_model = tensors["W_enc"].shape
-        threshold = tensors.pop(THRESHOLD_KEY, None)
-        if threshold is None:
-            threshold = tensors["b_enc"].new_zeros(num_latents)
-        elif bool((threshold < 0).any()):
-            raise ValueError(f"{where} has negative thresholds; a JumpReLU code here is taken from relu(pre)")
-        tensors["threshold"] = threshold
-        with torch.device("meta"):
-            transcoder = JumpReLUTranscoder(d_model, num_latents, num_latents if k is None else k,
-                                            skip="W_skip" in tensors, initial_threshold=0.0)
-        # assign=True keeps the stored tensors (and dtype) instead of copying into float32 ones.
-        transcoder.load_state_dict(tensors, assign=True)
-        transcoders.append(transcoder.to(device=device, dtype=dtype))
+    transcoders = [transcoder_from_tensors(load_file(str(files[layer])), k=k, where=f"folder: {files[layer].name}")
+                   .to(device=device, dtype=dtype) for layer in range(len(files))]
     return TranscoderSet(transcoders, config["feature_input_hook"], config["feature_output_hook"],
                          config.get("scan", str(folder)))
 
