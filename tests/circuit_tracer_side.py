@@ -4,12 +4,16 @@ imports circuit_tracer, torch, safetensors and yaml only, never interpkernels:
 whatever it writes comes from circuit-tracer's code alone.
 
     python circuit_tracer_side.py read FOLDER INPUTS OUT DTYPE
-        FOLDER opened by load_transcoder_from_hub; OUT gets every layer's
-        parameters, and its activations and forward output on INPUTS' x{i}.
-    python circuit_tracer_side.py write FOLDER INPUTS OUT DTYPE SEED
-        Random per-layer transcoders built with circuit-tracer's classes (layer 0
-        JumpReLU with a skip, layer 1 JumpReLU, layer 2 ReLU) saved to FOLDER as
-        its cache does (to_safetensors, then config.yaml); OUT as for read.
+        FOLDER opened by circuit-tracer (open_folder); OUT gets every layer's
+        parameters, and its activations and forward output on INPUTS' x{i}
+        (a cross-layer transcoder: its parameters, "activations" [L, N, M] and
+        "reconstruction" [L, N, d] on the x{i} stacked).
+    python circuit_tracer_side.py write FOLDER INPUTS OUT DTYPE SEED [KIND]
+        Random transcoders built with circuit-tracer's classes, saved to FOLDER
+        as its cache does (to_safetensors, then config.yaml); OUT as for read.
+        KIND "set" (default): per-layer, layer 0 JumpReLU with a skip, layer 1
+        JumpReLU, layer 2 ReLU; "topk": per-layer TopK(4), layer 0 with a skip;
+        "clt": a JumpReLU CrossLayerTranscoder of 3 layers.
     python circuit_tracer_side.py graph FOLDER...
         For each FOLDER, circuit-tracer's attribute() on the TransformerLens
         model of FOLDER/config.json (HookedTransformerConfig keywords, plus
@@ -27,8 +31,8 @@ whatever it writes comes from circuit-tracer's code alone.
         and the validated node and link counts.
 """
 
+import glob
 import json
-
 import sys
 
 import torch
@@ -38,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 HOOKS = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
+TOPK = 4
 
 
 def describe(transcoders, inputs: dict) -> dict:
@@ -53,38 +58,89 @@ def describe(transcoders, inputs: dict) -> dict:
     return out
 
 
-def read(folder: str, inputs: str, out: str, dtype: str) -> None:
-    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+def describe_clt(clt, inputs: dict) -> dict:
+    """Parameters of a circuit-tracer CrossLayerTranscoder, and its activations and
+    forward output on the inputs stacked by layer."""
+    out = {name: tensor.contiguous() for name, tensor in clt.state_dict().items()}
+    x = torch.stack([inputs[f"x{layer}"] for layer in range(clt.n_layers)]).to(clt.dtype)
+    with torch.no_grad():
+        out["activations"] = clt.encode(x).contiguous()
+        out["reconstruction"] = clt(x).contiguous()
+    return out
 
-    transcoders, config = load_transcoder_from_hub(folder, device=torch.device("cpu"), dtype=DTYPES[dtype],
-                                                   lazy_decoder=False)
-    save_file(describe(transcoders, load_file(inputs)), out,
+
+def open_folder(folder: str, dtype: torch.dtype):
+    """circuit-tracer's transcoders in FOLDER, and its config. load_transcoder_from_hub
+    opens a local folder through its cache loader, which in 0.5.0 drops config.yaml's
+    activation and k; a top-k folder goes through hf_utils.load_transcoders, the
+    config-driven loader the hub path ends in, with the layer files listed."""
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub, load_transcoders
+
+    config = yaml.safe_load(open(f"{folder}/config.yaml"))
+    if config.get("activation") == "topk":
+        n_layers = len(glob.glob(f"{folder}/layer_*.safetensors"))
+        listed = {"scan": folder, **config, "transcoders": [f"{folder}/layer_{i}.safetensors" for i in range(n_layers)]}
+        return load_transcoders(listed, device=torch.device("cpu"), dtype=dtype, lazy_decoder=False), listed
+    return load_transcoder_from_hub(folder, device=torch.device("cpu"), dtype=dtype, lazy_decoder=False)
+
+
+def read(folder: str, inputs: str, out: str, dtype: str) -> None:
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    transcoders, config = open_folder(folder, DTYPES[dtype])
+    tensors = (describe_clt if isinstance(transcoders, CrossLayerTranscoder) else describe)(transcoders,
+                                                                                            load_file(inputs))
+    save_file(tensors, out,
               metadata={key: str(config[key]) for key in ("feature_input_hook", "feature_output_hook", "scan")})
 
 
-def write(folder: str, inputs: str, out: str, dtype: str, seed: str) -> None:
+def write(folder: str, inputs: str, out: str, dtype: str, seed: str, kind: str = "set") -> None:
     from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
-    from circuit_tracer.transcoder.activation_functions import JumpReLU
+    from circuit_tracer.transcoder.activation_functions import JumpReLU, TopK
 
     generator = torch.Generator().manual_seed(int(seed))
     d_model, d_transcoder = 8, 24
+    if kind == "clt":
+        return write_clt(folder, inputs, out, DTYPES[dtype], generator, d_model, d_transcoder)
+    kinds = ([("topk", True), ("topk", False), ("topk", False)] if kind == "topk"
+             else [("jumprelu", True), ("jumprelu", False), ("relu", False)])
     layers = {}
-    for layer, (activation, skip) in enumerate([("jumprelu", True), ("jumprelu", False), ("relu", False)]):
+    for layer, (activation, skip) in enumerate(kinds):
         function = (JumpReLU(torch.rand(d_transcoder, generator=generator, dtype=DTYPES[dtype]) * 0.5, 0.1)
-                    if activation == "jumprelu" else F.relu)
+                    if activation == "jumprelu" else TopK(TOPK) if activation == "topk" else F.relu)
         transcoder = SingleLayerTranscoder(d_model, d_transcoder, function, layer, skip_connection=skip,
                                            device=torch.device("cpu"), dtype=DTYPES[dtype])
         with torch.no_grad():
             for parameter in (transcoder.W_enc, transcoder.W_dec, transcoder.b_enc, transcoder.b_dec,
                               *([transcoder.W_skip] if skip else [])):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
+            if activation == "topk":  # every token's 4 largest pre-activations positive: b_enc shifted up
+                transcoder.b_enc += 2.0
         layers[layer] = transcoder
     transcoders = TranscoderSet(layers, scan="written-by-circuit-tracer", **HOOKS)
     transcoders.to_safetensors(folder)
-    # What save_transcoders_to_cache writes after the layer files.
+    # What save_transcoders_to_cache writes after the layer files (the hub config's activation and k kept).
     with open(f"{folder}/config.yaml", "w") as f:
-        yaml.dump({"model_kind": "transcoder_set", "scan": transcoders.scan, **HOOKS}, f)
+        yaml.dump({"model_kind": "transcoder_set", "scan": transcoders.scan, **HOOKS,
+                   **({"activation": "topk", "k": TOPK} if kind == "topk" else {})}, f)
     save_file(describe(transcoders, load_file(inputs)), out)
+
+
+def write_clt(folder: str, inputs: str, out: str, dtype: torch.dtype, generator, d_model: int,
+              d_transcoder: int) -> None:
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder(3, d_transcoder, d_model, activation_function="jump_relu", lazy_decoder=False,
+                               scan="written-by-circuit-tracer", device=torch.device("cpu"), dtype=dtype, **HOOKS)
+    with torch.no_grad():
+        for parameter in clt.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=dtype) * 0.5)
+        clt.activation_function.threshold.copy_(torch.rand(clt.activation_function.threshold.shape,
+                                                           generator=generator, dtype=dtype) * 0.5)
+    clt.to_safetensors(folder)
+    with open(f"{folder}/config.yaml", "w") as f:
+        yaml.dump({"model_kind": "cross_layer_transcoder", "scan": clt.scan, **HOOKS}, f)
+    save_file(describe_clt(clt, load_file(inputs)), out)
 
 
 def word_level_tokenizer(vocabulary_size: int, folder: str):
@@ -108,7 +164,6 @@ def graphs(*folders: str) -> None:
 def graph(folder: str) -> None:
     from circuit_tracer import ReplacementModel, attribute
     from circuit_tracer.graph import compute_graph_scores, prune_graph
-    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
     from transformer_lens import HookedTransformerConfig
 
     config = json.loads(open(f"{folder}/config.json").read())
@@ -117,8 +172,7 @@ def graph(folder: str) -> None:
     attribute_options, prune_options = config.pop("attribute"), config.pop("prune")
     # attribute() allocates its edge matrix in the default dtype.
     torch.set_default_dtype(dtype)
-    transcoders, _ = load_transcoder_from_hub(f"{folder}/transcoders", device=torch.device("cpu"), dtype=dtype,
-                                              lazy_decoder=False)
+    transcoders, _ = open_folder(f"{folder}/transcoders", dtype)
     model = ReplacementModel.from_config(HookedTransformerConfig(**config, dtype=dtype, device="cpu"), transcoders,
                                          backend="transformerlens", tokenizer=word_level_tokenizer(config["d_vocab"], f"{folder}/tokenizer"))
     # The replacement model wraps each MLP (mlp.old_mlp) and the unembedding (unembed.old_unembed).
