@@ -12,8 +12,7 @@ whatever it writes comes from circuit-tracer's code alone.
         Random transcoders built with circuit-tracer's classes, saved to FOLDER
         as its cache does (to_safetensors, then config.yaml); OUT as for read.
         KIND "set" (default): per-layer, layer 0 JumpReLU with a skip, layer 1
-        JumpReLU, layer 2 ReLU; "topk": per-layer TopK(4), layer 0 with a skip;
-        "clt": a JumpReLU CrossLayerTranscoder of 3 layers.
+        JumpReLU, layer 2 ReLU; "clt": a JumpReLU CrossLayerTranscoder of 3 layers.
     python circuit_tracer_side.py graph FOLDER...
         For each FOLDER, circuit-tracer's attribute() on the TransformerLens
         model of FOLDER/config.json (HookedTransformerConfig keywords, plus
@@ -31,7 +30,6 @@ whatever it writes comes from circuit-tracer's code alone.
         and the validated node and link counts.
 """
 
-import glob
 import json
 import sys
 
@@ -42,7 +40,6 @@ from safetensors.torch import load_file, save_file
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 HOOKS = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
-TOPK = 4
 
 
 def describe(transcoders, inputs: dict) -> dict:
@@ -70,18 +67,19 @@ def describe_clt(clt, inputs: dict) -> dict:
 
 
 def open_folder(folder: str, dtype: torch.dtype):
-    """circuit-tracer's transcoders in FOLDER, and its config. load_transcoder_from_hub
-    opens a local folder through its cache loader, which in 0.5.0 drops config.yaml's
-    activation and k; a top-k folder goes through hf_utils.load_transcoders, the
-    config-driven loader the hub path ends in, with the layer files listed."""
-    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub, load_transcoders
+    """circuit-tracer's transcoders in FOLDER (load_transcoder_from_hub), and its
+    config. 0.5.0's loaders build ReLU or JumpReLU layers only; for a top-k folder
+    (config.yaml's activation: topk and k, the format after 0.5.0) each layer,
+    loaded as ReLU from its weights, gets 0.5.0's own TopK(k) activation."""
+    from circuit_tracer.transcoder.activation_functions import TopK
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
 
-    config = yaml.safe_load(open(f"{folder}/config.yaml"))
+    transcoders, config = load_transcoder_from_hub(folder, device=torch.device("cpu"), dtype=dtype,
+                                                   lazy_decoder=False)
     if config.get("activation") == "topk":
-        n_layers = len(glob.glob(f"{folder}/layer_*.safetensors"))
-        listed = {"scan": folder, **config, "transcoders": [f"{folder}/layer_{i}.safetensors" for i in range(n_layers)]}
-        return load_transcoders(listed, device=torch.device("cpu"), dtype=dtype, lazy_decoder=False), listed
-    return load_transcoder_from_hub(folder, device=torch.device("cpu"), dtype=dtype, lazy_decoder=False)
+        for transcoder in transcoders:
+            transcoder.activation_function = TopK(config["k"])
+    return transcoders, config
 
 
 def read(folder: str, inputs: str, out: str, dtype: str) -> None:
@@ -96,33 +94,28 @@ def read(folder: str, inputs: str, out: str, dtype: str) -> None:
 
 def write(folder: str, inputs: str, out: str, dtype: str, seed: str, kind: str = "set") -> None:
     from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
-    from circuit_tracer.transcoder.activation_functions import JumpReLU, TopK
+    from circuit_tracer.transcoder.activation_functions import JumpReLU
 
     generator = torch.Generator().manual_seed(int(seed))
     d_model, d_transcoder = 8, 24
     if kind == "clt":
         return write_clt(folder, inputs, out, DTYPES[dtype], generator, d_model, d_transcoder)
-    kinds = ([("topk", True), ("topk", False), ("topk", False)] if kind == "topk"
-             else [("jumprelu", True), ("jumprelu", False), ("relu", False)])
     layers = {}
-    for layer, (activation, skip) in enumerate(kinds):
+    for layer, (activation, skip) in enumerate([("jumprelu", True), ("jumprelu", False), ("relu", False)]):
         function = (JumpReLU(torch.rand(d_transcoder, generator=generator, dtype=DTYPES[dtype]) * 0.5, 0.1)
-                    if activation == "jumprelu" else TopK(TOPK) if activation == "topk" else F.relu)
+                    if activation == "jumprelu" else F.relu)
         transcoder = SingleLayerTranscoder(d_model, d_transcoder, function, layer, skip_connection=skip,
                                            device=torch.device("cpu"), dtype=DTYPES[dtype])
         with torch.no_grad():
             for parameter in (transcoder.W_enc, transcoder.W_dec, transcoder.b_enc, transcoder.b_dec,
                               *([transcoder.W_skip] if skip else [])):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
-            if activation == "topk":  # every token's 4 largest pre-activations positive: b_enc shifted up
-                transcoder.b_enc += 2.0
         layers[layer] = transcoder
     transcoders = TranscoderSet(layers, scan="written-by-circuit-tracer", **HOOKS)
     transcoders.to_safetensors(folder)
-    # What save_transcoders_to_cache writes after the layer files (the hub config's activation and k kept).
+    # What save_transcoders_to_cache writes after the layer files.
     with open(f"{folder}/config.yaml", "w") as f:
-        yaml.dump({"model_kind": "transcoder_set", "scan": transcoders.scan, **HOOKS,
-                   **({"activation": "topk", "k": TOPK} if kind == "topk" else {})}, f)
+        yaml.dump({"model_kind": "transcoder_set", "scan": transcoders.scan, **HOOKS}, f)
     save_file(describe(transcoders, load_file(inputs)), out)
 
 

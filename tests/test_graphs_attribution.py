@@ -8,8 +8,9 @@
   remove one source, read every target's change).
 
 Transcoder kinds: per-layer JumpReLU without ("plain") and with a skip
-connection ("skip"), per-layer top-k ("topk", circuit-tracer's TopK
-activation), a JumpReLU cross-layer transcoder ("clt"), and interpkernels'
+connection ("skip"), per-layer top-k ("topk": circuit-tracer 0.5.0's
+SingleLayerTranscoders running its TopK activation; it has no file form of
+them, tests/test_graphs_transcoders.py), a JumpReLU cross-layer transcoder ("clt"), and interpkernels'
 top-k cross-layer transcoder ("clt-topk": circuit-tracer 0.5.0's
 cross-layer transcoders are ReLU or JumpReLU only, so only the intervention
 checks it).
@@ -22,6 +23,7 @@ import pytest
 import torch
 from circuit_tracer_env import run_circuit_tracer
 from safetensors.torch import load_file, save_file
+from test_graphs_transcoders import save_top_k_folder
 
 from interpkernels.graphs import (HookedCrossLayerTranscoder, TranscoderSet, attribution_graph, load_transcoders,
                                   pruning, save_transcoders)
@@ -198,7 +200,7 @@ def write_case(folder, architecture: str, dtype: torch.dtype, kind: str, **side_
     """The folder circuit_tracer_side.py's graph command reads: random_case(seed=1)'s
     model and transcoders, the prompt, and its config (plus `side_options`)."""
     model, transcoders = random_case(dtype, architecture, kind, seed=1)
-    save_transcoders(transcoders, folder / "transcoders")
+    (save_top_k_folder if kind == "topk" else save_transcoders)(transcoders, folder / "transcoders")
     save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, folder / "model.safetensors")
     save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
     (folder / "config.json").write_text(json.dumps(

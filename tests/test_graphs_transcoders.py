@@ -4,11 +4,15 @@ The oracle is circuit-tracer 0.5.0 itself, run in its own environment
 (tests/circuit_tracer_side.py): its loaders must open what save_transcoders
 writes, to the same tensors and the same outputs, and load_transcoders must
 open what its to_safetensors writes. Kinds: per-layer JumpReLU/ReLU ("set"),
-per-layer top-k ("topk") and JumpReLU cross-layer transcoders ("clt").
+JumpReLU cross-layer transcoders ("clt") and per-layer top-k ("topk"): 0.5.0
+defines a TopK activation but no file form of it; folders in the form its
+repository adopted after 0.5.0 are read here and checked against 0.5.0's
+SingleLayerTranscoder running its own TopK.
 """
 
 import pytest
 import torch
+import yaml
 from circuit_tracer_env import run_circuit_tracer
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +21,7 @@ from interpkernels.graphs import HookedCrossLayerTranscoder, TranscoderSet, load
 from interpkernels.nn import CrossLayerTranscoder, JumpReLUCrossLayerTranscoder, JumpReLUTranscoder, Transcoder
 
 D, M, L = 8, 24, 3
-TOP_K = 4  # circuit_tracer_side.py's TOPK
+TOP_K = 4
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
@@ -49,6 +53,22 @@ def random_top_k(dtype: torch.dtype) -> TranscoderSet:
             transcoder.b_enc += 2.0
         layers.append(transcoder.to(dtype))
     return TranscoderSet(layers, "hook_resid_mid", "hook_mlp_out", scan="written-by-interpkernels")
+
+
+def save_top_k_folder(transcoders: TranscoderSet, folder) -> None:
+    """A top-k set in circuit-tracer's format after 0.5.0 (commit 4b1b491, PR #94:
+    config.yaml's ``activation: topk`` and ``k``, which its load_transcoder_set then
+    reads; the layer files as for ReLU). save_transcoders writes none: 0.5.0
+    would open it as ReLU."""
+    folder.mkdir(parents=True)
+    for layer, transcoder in enumerate(transcoders):
+        names = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["W_skip"] if transcoder.W_skip is not None else [])
+        save_file({name: getattr(transcoder, name).detach().contiguous() for name in names},
+                  folder / f"layer_{layer}.safetensors")
+    (folder / "config.yaml").write_text(yaml.safe_dump(
+        {"model_kind": "transcoder_set", "activation": "topk", "k": transcoders[0].k,
+         "feature_input_hook": transcoders.feature_input_hook, "feature_output_hook": transcoders.feature_output_hook,
+         "scan": transcoders.scan}))
 
 
 def random_clt(dtype: torch.dtype) -> HookedCrossLayerTranscoder:
@@ -148,9 +168,9 @@ def test_circuit_tracer_folder_opens_here(dtype, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_top_k_and_cross_layer_round_trips_keep_every_tensor_bit_for_bit(dtype, tmp_path):
+def test_top_k_folders_and_cross_layer_round_trips_keep_every_tensor_bit_for_bit(dtype, tmp_path):
     top_k = random_top_k(dtype)
-    save_transcoders(top_k, tmp_path / "topk")
+    save_top_k_folder(top_k, tmp_path / "topk")
     loaded = load_transcoders(tmp_path / "topk")
     assert all(type(t) is Transcoder and t.k == TOP_K for t in loaded)
     assert [t.W_skip is not None for t in loaded] == [True, False, False]
@@ -179,9 +199,9 @@ def test_top_k_and_cross_layer_round_trips_keep_every_tensor_bit_for_bit(dtype, 
 
 @pytest.mark.parametrize("kind", ["topk", "clt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_saved_top_k_and_cross_layer_folders_open_in_circuit_tracer(kind, dtype, tmp_path):
+def test_top_k_and_saved_cross_layer_folders_open_in_circuit_tracer(kind, dtype, tmp_path):
     ours = random_top_k(dtype) if kind == "topk" else random_clt(dtype)
-    save_transcoders(ours, tmp_path / "transcoders")
+    (save_top_k_folder if kind == "topk" else save_transcoders)(ours, tmp_path / "transcoders")
     inputs = {f"x{layer}": torch.randn(16, D, dtype=dtype) for layer in range(L)}
     save_file(inputs, tmp_path / "inputs.safetensors")
     run_circuit_tracer("read", tmp_path / "transcoders", tmp_path / "inputs.safetensors",
@@ -204,27 +224,16 @@ def test_saved_top_k_and_cross_layer_folders_open_in_circuit_tracer(kind, dtype,
     torch.testing.assert_close(reconstructions, theirs["reconstruction"], **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("kind", ["topk", "clt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_circuit_tracer_top_k_and_cross_layer_folders_open_here(kind, dtype, tmp_path):
+def test_circuit_tracer_cross_layer_folder_opens_here(dtype, tmp_path):
     inputs = {f"x{layer}": torch.randn(16, D, dtype=dtype) for layer in range(L)}
     save_file(inputs, tmp_path / "inputs.safetensors")
     run_circuit_tracer("write", tmp_path / "transcoders", tmp_path / "inputs.safetensors",
-                       tmp_path / "theirs.safetensors", str(dtype).removeprefix("torch."), 7, kind)
+                       tmp_path / "theirs.safetensors", str(dtype).removeprefix("torch."), 7, "clt")
     theirs = load_file(tmp_path / "theirs.safetensors")
     ours = load_transcoders(tmp_path / "transcoders")
     assert (ours.feature_input_hook, ours.feature_output_hook, ours.scan) == \
         ("mlp.hook_in", "mlp.hook_out", "written-by-circuit-tracer")
-    if kind == "topk":
-        assert all(type(t) is Transcoder and t.k == TOP_K for t in ours)
-        assert [t.W_skip is not None for t in ours] == [True, False, False]
-        for layer, transcoder in enumerate(ours):
-            for name, tensor in transcoder.state_dict().items():
-                assert torch.equal(tensor, theirs[f"layer{layer}.{name}"]), (layer, name)
-            activations, reconstruction = our_outputs(transcoder, inputs[f"x{layer}"])
-            torch.testing.assert_close(activations, theirs[f"layer{layer}.activations"], **TOLERANCE[dtype])
-            torch.testing.assert_close(reconstruction, theirs[f"layer{layer}.reconstruction"], **TOLERANCE[dtype])
-        return
     assert type(ours.transcoder) is JumpReLUCrossLayerTranscoder
     for name, tensor in ours.transcoder.state_dict().items():
         assert torch.equal(tensor, their_clt_tensor(theirs, name)), name
@@ -236,11 +245,9 @@ def test_circuit_tracer_top_k_and_cross_layer_folders_open_here(kind, dtype, tmp
 
 def test_save_refuses_what_circuit_tracer_cannot_hold(tmp_path):
     good = random_transcoders(torch.float32).transcoders
-    with pytest.raises(TypeError, match=r"transcoders\[1\]: expected a JumpReLUTranscoder like transcoders\[0\], "
-                                        "got Transcoder"):
+    with pytest.raises(TypeError, match=r"transcoders\[1\]: expected a JumpReLUTranscoder, got Transcoder .*"
+                                        "would open a top-k one as ReLU"):
         save_transcoders([good[0], Transcoder(D, M, 4, seed=0)], tmp_path)
-    with pytest.raises(ValueError, match=r"transcoders\[1\]: k = 3, transcoders\[0\] has k = 4"):
-        save_transcoders([Transcoder(D, M, 4, seed=0), Transcoder(D, M, 3, seed=0)], tmp_path)
     with pytest.raises(TypeError, match="transcoders: expected a JumpReLUCrossLayerTranscoder, got CrossLayerTranscoder"):
         save_transcoders(CrossLayerTranscoder(L, D, M, 4, seed=0), tmp_path)
     with pytest.raises(ValueError, match=r"transcoders\[0\]: maps 8 to 5"):
@@ -296,11 +303,11 @@ def test_load_names_what_is_wrong_with_the_folder(tmp_path):
 
 
 def test_load_names_what_is_wrong_with_a_top_k_or_cross_layer_folder(tmp_path):
-    save_transcoders(random_top_k(torch.float32), tmp_path / "topk")
+    save_top_k_folder(random_top_k(torch.float32), tmp_path / "topk")
     with pytest.raises(ValueError, match="k: 3 given for a top-k folder whose k is 4"):
         load_transcoders(tmp_path / "topk", k=3)
     layer_0 = load_file(tmp_path / "topk" / "layer_0.safetensors")
-    # circuit-tracer's to_safetensors writes k into each layer file; a different one is refused.
+    # Their to_safetensors after 0.5.0 writes k into each layer file; a different one is refused.
     save_file({**layer_0, "k": torch.tensor(5)}, tmp_path / "topk" / "layer_0.safetensors")
     with pytest.raises(ValueError, match="layer_0.safetensors holds k = 5, config.yaml k = 4"):
         load_transcoders(tmp_path / "topk")

@@ -9,9 +9,13 @@ and safetensors files, in one of two layouts:
   per layer holding ``W_enc [M, d]``, ``W_dec [M, d]``, ``b_enc [M]``,
   ``b_dec [d]``, with ``activation_function.threshold [M]`` for a JumpReLU
   transcoder (a ReLU one has none) and ``W_skip [d, d]`` for one with a skip
-  connection (``x @ W_skip.T``). A top-k set says ``activation: topk`` and
-  ``k`` in config.yaml (their ``load_transcoder_set(activation=, k=)``); its
-  ``to_safetensors`` also writes ``k`` into each layer file.
+  connection (``x @ W_skip.T``). circuit-tracer 0.5.0 (PyPI) defines a
+  ``TopK`` activation (``transcoder/activation_functions.py``) that its
+  SingleLayerTranscoder and ``attribute()`` run, but none of its loaders
+  builds one and its ``to_safetensors`` records none. Its repository after
+  0.5.0 (commit 4b1b491, PR #94) marks a top-k set with ``activation: topk``
+  and ``k`` in config.yaml (``load_transcoder_set(activation=, k=)``) and a
+  scalar ``k`` in each layer file; such folders are read here.
 - ``model_kind: cross_layer_transcoder``
   (``transcoder/cross_layer_transcoder.py``, ``load_clt`` and
   ``to_safetensors``): per layer i, ``W_enc_{i}.safetensors`` holding
@@ -22,11 +26,10 @@ and safetensors files, in one of two layouts:
   never reads one) and no top-k code (``relu`` or ``jump_relu`` only).
 
 Their ``load_transcoder_from_hub(<absolute folder>)`` opens such a folder
-(note: in 0.5.0 that path ignores ``activation``/``k``; a top-k folder opens
-as top-k through ``circuit_tracer.utils.hf_utils.load_transcoders`` with the
-config and a ``transcoders:`` list of the layer files), and so does
-:func:`load_transcoders` here; :func:`save_transcoders` writes one. Every
-layout matches ours, so weights cross unchanged, bit for bit.
+(a top-k one as ReLU layers: 0.5.0 ignores ``activation``), and so does
+:func:`load_transcoders` here; :func:`save_transcoders` writes one (not for
+top-k sets, which 0.5.0 would open as ReLU). Every layout matches ours, so
+weights cross unchanged, bit for bit.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ _REQUIRED_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec"}
 _KNOWN_KEYS = _REQUIRED_KEYS | {THRESHOLD_KEY, "W_skip", TOPK_KEY}
 _LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
 _CLT_ENCODER_FILE = re.compile(r"W_enc_(\d+)\.safetensors")
-# What their load_transcoder_set branches on (absent: JumpReLU when thresholds are stored, else ReLU).
+# What load_transcoder_set branches on after 0.5.0 (absent: JumpReLU when thresholds are stored, else ReLU).
 _ACTIVATIONS = (None, "relu", "topk")
 
 
@@ -137,8 +140,8 @@ def load_transcoders(folder: str | Path, *, k: int | None = None, device: str | 
     Per-layer transcoders (``transcoder_set``) come back in a
     :class:`TranscoderSet`: each layer a
     :class:`~interpkernels.nn.JumpReLUTranscoder` (a ReLU one with zero
-    thresholds), or, for ``activation: topk``, a top-k
-    :class:`~interpkernels.nn.Transcoder` with the config's ``k``. A
+    thresholds), or, for ``activation: topk`` (circuit-tracer's format after
+    0.5.0), a top-k :class:`~interpkernels.nn.Transcoder` with the config's ``k``. A
     cross-layer transcoder comes back as a :class:`HookedCrossLayerTranscoder`
     holding a :class:`~interpkernels.nn.JumpReLUCrossLayerTranscoder`.
     k: for JumpReLU and ReLU codes, latents kept per token (and layer), the
@@ -254,13 +257,13 @@ def save_transcoders(transcoders: TranscoderSet | HookedCrossLayerTranscoder | C
                      scan: str | list[str] | None = None) -> None:
     """Write transcoders to `folder` in circuit-tracer's format.
 
-    Per-layer transcoders (layer i first): all
+    Per-layer transcoders (layer i first):
     :class:`~interpkernels.nn.JumpReLUTranscoder`s (ReLU is zero thresholds)
-    or all top-k :class:`~interpkernels.nn.Transcoder`s with one k (written
-    as ``activation: topk``), mapping d to d (their format has one d_model),
-    all with the same number of latents. A cross-layer transcoder: a
-    :class:`~interpkernels.nn.JumpReLUCrossLayerTranscoder` (their
-    cross-layer format has no top-k code). The hooks and scan default to the
+    mapping d to d (their format has one d_model), all with the same number
+    of latents. Not top-k ones: circuit-tracer 0.5.0's loaders build ReLU or
+    JumpReLU layers and would open a top-k set as ReLU. A cross-layer
+    transcoder: a :class:`~interpkernels.nn.JumpReLUCrossLayerTranscoder`
+    (their cross-layer format has no top-k code). The hooks and scan default to the
     TranscoderSet's or HookedCrossLayerTranscoder's, else to ``mlp.hook_in``
     / ``mlp.hook_out`` and no scan. config.yaml is written last, as
     circuit-tracer's cache does: a folder without it is incomplete.
@@ -300,35 +303,27 @@ def _save_per_layer(layers: list[Transcoder], folder: Path) -> dict:
 
     if not layers:
         raise ValueError("transcoders: expected at least one transcoder")
-    top_k = type(layers[0]) is Transcoder
     for layer, transcoder in enumerate(layers):
-        if not isinstance(transcoder, Transcoder) or (type(transcoder) is Transcoder) != top_k or not (
-                top_k or isinstance(transcoder, JumpReLUTranscoder)):
-            raise TypeError(f"transcoders[{layer}]: expected a {type(layers[0]).__name__} like transcoders[0], got "
-                            f"{type(transcoder).__name__} (circuit-tracer's format holds ReLU, JumpReLU or top-k "
-                            "transcoder sets, one kind per set)")
+        if not isinstance(transcoder, JumpReLUTranscoder):
+            raise TypeError(f"transcoders[{layer}]: expected a JumpReLUTranscoder, got {type(transcoder).__name__} "
+                            "(circuit-tracer 0.5.0's loaders build ReLU and JumpReLU transcoders only: they would "
+                            "open a top-k one as ReLU)")
         if transcoder.d_in != transcoder.d_out:
             raise ValueError(f"transcoders[{layer}]: maps {transcoder.d_in} to {transcoder.d_out}; "
                              "circuit-tracer's format has one d_model")
         if transcoder.num_latents != layers[0].num_latents:
             raise ValueError(f"transcoders[{layer}]: {transcoder.num_latents} latents, transcoders[0] has "
                              f"{layers[0].num_latents}; circuit-tracer's TranscoderSet needs them equal")
-        if top_k and transcoder.k != layers[0].k:
-            raise ValueError(f"transcoders[{layer}]: k = {transcoder.k}, transcoders[0] has k = {layers[0].k}; "
-                             "circuit-tracer's config.yaml holds one k")
     folder.mkdir(parents=True, exist_ok=True)
     _refuse_extra_layers(folder, _LAYER_FILE, "layer_{}.safetensors", len(layers))
     for layer, transcoder in enumerate(layers):
-        tensors = {name: _tensor(getattr(transcoder, name)) for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
-        if not top_k:
-            tensors[THRESHOLD_KEY] = _tensor(transcoder.threshold)
+        tensors = {name: _tensor(getattr(transcoder, name))
+                   for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+        tensors[THRESHOLD_KEY] = tensors.pop("threshold")
         if transcoder.W_skip is not None:
             tensors["W_skip"] = _tensor(transcoder.W_skip)
         save_file(tensors, str(folder / f"layer_{layer}.safetensors"))
-    config = {"model_kind": "transcoder_set"}
-    if top_k:
-        config |= {"activation": "topk", "k": layers[0].k}
-    return config
+    return {"model_kind": "transcoder_set"}
 
 
 def _save_cross_layer(transcoder: CrossLayerTranscoder, folder: Path) -> dict:
