@@ -28,6 +28,9 @@ whatever it writes comes from circuit-tracer's code alone.
         pydantic Model; FOLDER/ours.pt opened by Graph.from_pt; FOLDER/graphs.json
         and FOLDER/graphs.safetensors get both Graphs' fields ("theirs", "loaded")
         and the validated node and link counts.
+    python circuit_tracer_side.py batch JOBS
+        Each [command, arguments...] of the JSON list in JOBS (the commands
+        above), in one start of this environment.
 """
 
 import json
@@ -223,5 +226,14 @@ def frontend(*folders: str) -> None:
             json.dump(fields, f)
 
 
+COMMANDS = {"read": read, "write": write, "graph": graphs, "frontend": frontend}
+
+
+def batch(jobs: str) -> None:
+    """Each [command, arguments...] of the JSON list in JOBS, in one start of this environment."""
+    for command, *arguments in json.load(open(jobs)):
+        COMMANDS[command](*arguments)
+
+
 if __name__ == "__main__":
-    {"read": read, "write": write, "graph": graphs, "frontend": frontend}[sys.argv[1]](*sys.argv[2:])
+    {**COMMANDS, "batch": batch}[sys.argv[1]](*sys.argv[2:])

@@ -10,6 +10,9 @@ repository adopted after 0.5.0 are read here and checked against 0.5.0's
 SingleLayerTranscoder running its own TopK.
 """
 
+import itertools
+import json
+
 import pytest
 import torch
 import yaml
@@ -197,16 +200,43 @@ def test_top_k_folders_and_cross_layer_round_trips_keep_every_tensor_bit_for_bit
     assert bare.transcoder.encode_layer(1, torch.randn(4, D, dtype=dtype))[0].shape == (4, 2)
 
 
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(scope="module")
+def top_k_and_cross_layer_cases(tmp_path_factory) -> dict:
+    """circuit-tracer's side of the top-k and cross-layer cases, in one start of its
+    environment (~10 s each): ("read", kind, dtype) -> (our transcoders, inputs,
+    folder) for a folder written here and read there; ("write", dtype) -> (inputs,
+    folder) for a cross-layer transcoder written there."""
+    cases, jobs = {}, []
+    for kind, dtype in itertools.product(["topk", "clt"], DTYPES):
+        folder = tmp_path_factory.mktemp(f"read-{kind}")
+        ours = random_top_k(dtype) if kind == "topk" else random_clt(dtype)
+        (save_top_k_folder if kind == "topk" else save_transcoders)(ours, folder / "transcoders")
+        inputs = {f"x{layer}": torch.randn(16, D, dtype=dtype) for layer in range(L)}
+        save_file(inputs, folder / "inputs.safetensors")
+        jobs.append(["read", folder / "transcoders", folder / "inputs.safetensors", folder / "theirs.safetensors",
+                     str(dtype).removeprefix("torch.")])
+        cases["read", kind, dtype] = ours, inputs, folder
+    for dtype in DTYPES:
+        folder = tmp_path_factory.mktemp("write-clt")
+        inputs = {f"x{layer}": torch.randn(16, D, dtype=dtype) for layer in range(L)}
+        save_file(inputs, folder / "inputs.safetensors")
+        jobs.append(["write", folder / "transcoders", folder / "inputs.safetensors", folder / "theirs.safetensors",
+                     str(dtype).removeprefix("torch."), 7, "clt"])
+        cases["write", dtype] = inputs, folder
+    jobs_path = tmp_path_factory.mktemp("jobs") / "jobs.json"
+    jobs_path.write_text(json.dumps([[str(argument) for argument in job] for job in jobs]))
+    run_circuit_tracer("batch", jobs_path)
+    return cases
+
+
 @pytest.mark.parametrize("kind", ["topk", "clt"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_top_k_and_saved_cross_layer_folders_open_in_circuit_tracer(kind, dtype, tmp_path):
-    ours = random_top_k(dtype) if kind == "topk" else random_clt(dtype)
-    (save_top_k_folder if kind == "topk" else save_transcoders)(ours, tmp_path / "transcoders")
-    inputs = {f"x{layer}": torch.randn(16, D, dtype=dtype) for layer in range(L)}
-    save_file(inputs, tmp_path / "inputs.safetensors")
-    run_circuit_tracer("read", tmp_path / "transcoders", tmp_path / "inputs.safetensors",
-                       tmp_path / "theirs.safetensors", str(dtype).removeprefix("torch."))
-    theirs = load_file(tmp_path / "theirs.safetensors")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_top_k_and_saved_cross_layer_folders_open_in_circuit_tracer(kind, dtype, top_k_and_cross_layer_cases):
+    ours, inputs, folder = top_k_and_cross_layer_cases["read", kind, dtype]
+    theirs = load_file(folder / "theirs.safetensors")
     if kind == "topk":
         for layer, transcoder in enumerate(ours):
             for name, tensor in transcoder.state_dict().items():
@@ -224,14 +254,11 @@ def test_top_k_and_saved_cross_layer_folders_open_in_circuit_tracer(kind, dtype,
     torch.testing.assert_close(reconstructions, theirs["reconstruction"], **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_circuit_tracer_cross_layer_folder_opens_here(dtype, tmp_path):
-    inputs = {f"x{layer}": torch.randn(16, D, dtype=dtype) for layer in range(L)}
-    save_file(inputs, tmp_path / "inputs.safetensors")
-    run_circuit_tracer("write", tmp_path / "transcoders", tmp_path / "inputs.safetensors",
-                       tmp_path / "theirs.safetensors", str(dtype).removeprefix("torch."), 7, "clt")
-    theirs = load_file(tmp_path / "theirs.safetensors")
-    ours = load_transcoders(tmp_path / "transcoders")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_circuit_tracer_cross_layer_folder_opens_here(dtype, top_k_and_cross_layer_cases):
+    inputs, folder = top_k_and_cross_layer_cases["write", dtype]
+    theirs = load_file(folder / "theirs.safetensors")
+    ours = load_transcoders(folder / "transcoders")
     assert (ours.feature_input_hook, ours.feature_output_hook, ours.scan) == \
         ("mlp.hook_in", "mlp.hook_out", "written-by-circuit-tracer")
     assert type(ours.transcoder) is JumpReLUCrossLayerTranscoder
