@@ -114,8 +114,8 @@ class _LayerCode:
     positions: torch.Tensor  # [n]
     latents: torch.Tensor  # [n]
     values: torch.Tensor  # [n] activations
-    # [outputs, n, d]: activation times decoder row, to this layer's MLP output and
-    # (a cross-layer transcoder's) to those of the outputs - 1 layers after it.
+    # [outputs, n, d]: activation times decoder row for each MLP output the features
+    # write to: this layer's, then (a cross-layer transcoder's) each later layer's.
     scaled_decoders: torch.Tensor
     encoders: torch.Tensor  # [n, d]
     errors: torch.Tensor  # [n_pos, d]: MLP output less the reconstruction, zero at BOS
