@@ -151,9 +151,8 @@ def load_transcoders(folder: str | Path, *, k: int | None = None, device: str | 
 
     circuit-tracer's top-k code is the k largest pre-activations, negative
     ones included; interpkernels' is the k largest of ``relu(pre)``. They
-    agree wherever a token's k-th largest pre-activation is positive (a
-    trained top-k transcoder's, nearly always); elsewhere theirs keeps
-    negative activations that ours zeroes.
+    agree wherever a token's k-th largest pre-activation is positive;
+    elsewhere theirs keeps negative activations that ours zeroes.
     """
     from safetensors.torch import load_file
 
@@ -336,7 +335,8 @@ def _save_cross_layer(transcoder: CrossLayerTranscoder, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     _refuse_extra_layers(folder, _CLT_ENCODER_FILE, "W_enc_{}.safetensors", n_layers)
     for layer in range(n_layers):
-        save_file({f"W_enc_{layer}": _tensor(transcoder.W_enc[layer]), f"b_enc_{layer}": _tensor(transcoder.b_enc[layer]),
+        save_file({f"W_enc_{layer}": _tensor(transcoder.W_enc[layer]),
+                   f"b_enc_{layer}": _tensor(transcoder.b_enc[layer]),
                    f"b_dec_{layer}": _tensor(transcoder.b_dec[layer]),
                    f"threshold_{layer}": _tensor(transcoder.threshold[layer])},
                   str(folder / f"W_enc_{layer}.safetensors"))
