@@ -22,7 +22,7 @@ from test_graphs_attribution import OPTIONS, TOKENS, random_case, write_case
 
 from interpkernels.graphs import attribution_graph, load_transcoders
 
-CASES = [("gpt2", torch.float32, False), ("llama", torch.float64, True)]
+CASES = [("gpt2", torch.float32, "plain"), ("llama", torch.float64, "skip")]
 CASE_IDS = ["gpt2-float32-plain", "llama-float64-skip"]
 # circuit-tracer's defaults for create_graph_files.
 THRESHOLDS = dict(node_threshold=0.8, edge_threshold=0.98)
@@ -45,10 +45,10 @@ def exported(tmp_path_factory) -> dict:
     """Each case's folder: our graph.json (with graph-metadata.json) in ours/ and
     ours.pt, then circuit-tracer's frontend command on all of them in one run."""
     folders = {}
-    for architecture, dtype, skip in CASES:
-        folder = folders[architecture, dtype, skip] = tmp_path_factory.mktemp(f"export-{architecture}-{dtype}")
-        write_case(folder, architecture, dtype, skip, frontend=THRESHOLDS)
-        model, _ = random_case(dtype, architecture, skip, seed=1)
+    for architecture, dtype, kind in CASES:
+        folder = folders[architecture, dtype, kind] = tmp_path_factory.mktemp(f"export-{architecture}-{dtype}")
+        write_case(folder, architecture, dtype, kind, frontend=THRESHOLDS)
+        model, _ = random_case(dtype, architecture, kind, seed=1)
         transcoders = load_transcoders(folder / "transcoders")
         graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
         tokenizer = word_level_tokenizer(model.cfg.d_vocab)
