@@ -217,22 +217,25 @@ def harvest(model, tokenizer, paragraphs: list[str], folder: Path, max_tokens: i
 
 def train_site(number: int, site: activations.HarvestedSite, folder: Path, settings: Settings, log
                ) -> tuple[TopKSAE, dict]:
-    final = folder / "sae.safetensors"
-    record = folder / "training.json"
-    if final.exists() and record.exists():
+    """The site's SAE trained to ``settings.steps`` steps: reused when done, resumed from its last
+    checkpoint when cut short or when asked for more steps than a finished run took."""
+    final, record = folder / "sae.safetensors", folder / "training.json"
+    earlier = json.loads(record.read_text()) if record.exists() else None
+    if earlier is not None and final.exists() and earlier["steps"][-1] == settings.steps:
         log(f"train: reusing {final}")
-        return SparseCoder.load(final), json.loads(record.read_text())
+        return SparseCoder.load(final), earlier
     folder.mkdir(parents=True, exist_ok=True)
     sae = TopKSAE(site.d, settings.latents, settings.k, seed=number)
     log(f"train: TopKSAE({site.d}, {settings.latents}, k={settings.k}) on {site.rows:,} tokens of {site.path.stem}, "
         f"{settings.steps} steps of {settings.batch_size}")
     started = time.perf_counter()
     history = train(sae, site.batches(settings.batch_size, shuffle_seed=number), steps=settings.steps,
-                    lr=settings.lr, dead_after_tokens=settings.dead_after_tokens, log_every=max(1, settings.steps // 30),
+                    lr=settings.lr, dead_after_tokens=settings.dead_after_tokens, log_every=10,
                     checkpoint_dir=folder / "checkpoints", checkpoint_every=100, resume=True)
     sae.save(final)
     curve = {"steps": history.steps, "fvu": history.fvu, "dead_latents": history.dead_latents,
-             "tokens_per_second": history.tokens_per_second, "seconds": time.perf_counter() - started}
+             "tokens_per_second": history.tokens_per_second,
+             "seconds": time.perf_counter() - started + (earlier["seconds"] if earlier else 0.0)}
     record.write_text(json.dumps(curve))
     return sae, curve
 
