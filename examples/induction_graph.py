@@ -17,11 +17,13 @@ Ground truth, stated for the graph's own model. The graph is taken in the
 local replacement model: attention patterns frozen at their values on the
 prompt. Induction's query/key side (the final ``A`` finds the position after
 the earlier ``A``) is therefore no edge of it; what the graph must show is
-the value/output side: the earlier ``B``'s token embedding is moved by the
-frozen induction head to the last position and read as the ``B`` logit,
-directly (embedding -> frozen attention -> unembedding) and through
-transcoder features (and errors) at ``B``'s position in layer 0 and at the
-last position in layer 1. So: ``B`` is the top logit; the earlier ``B``'s
+the value/output side: the earlier ``B``'s token embedding is carried by
+frozen attention to the last position (by the layer-1 head, from ``B``'s
+position or from the positions just after it, to which layer-0 attention
+copied it) and read as the ``B`` logit, with no transcoder on the way (the
+graph's direct token -> logit edge) or through transcoder features (and
+errors) in layer 0 at the positions that hold it and in layer 1 at the last
+position. So: ``B`` is the top logit; the earlier ``B``'s
 token node is the largest source of the ``B`` logit's influence among the
 tokens; a pruned path joins them. Semantics, checked against the real model:
 the signed effect the graph gives each token on the ``B`` logit (edges
