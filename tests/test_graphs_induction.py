@@ -24,10 +24,9 @@ import torch
 from safetensors.torch import load_file
 from test_attribution_examples import load_example, quiet
 
-pytest.importorskip("transformer_lens")
-
 MODEL = pathlib.Path(__file__).resolve().parent / "data" / "induction_model.safetensors"
-# The suite runs one seed (about 15 s of transcoder training on one thread); seeds 0-9 pass (docs/graphs.md).
+# The suite runs one seed (15 s on one thread at load ~5); seeds 0-9 pass (docs/graphs.md). No skip:
+# the example imports transformer_lens, a test dependency.
 SEEDS = [0]
 
 
