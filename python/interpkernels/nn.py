@@ -110,6 +110,9 @@ class SparseCoder(SafetensorsModule):
     (interpkernels.distributed.shard_latents) overrides just these.
     """
 
+    # A code with learned thresholds trains on fvu + sparsity_coefficient * l0 (interpkernels.train).
+    learns_thresholds = False
+
     backend: str | None = None
     # SAEs keep decoder rows on the unit sphere while training (interpkernels.train).
     normalizes_decoder = True
@@ -236,6 +239,8 @@ class JumpReLUSAE(SparseCoder):
     ``l0`` in the output carries the straight-through threshold gradient:
     train on ``fvu + sparsity_coefficient * l0``."""
 
+    learns_thresholds = True
+
     def __init__(self, d_in: int, num_latents: int, k: int, *, initial_threshold: float = 0.001,
                  bandwidth: float = 0.001, k_aux: int | None = None, seed: int | None = None):
         super().__init__(d_in, num_latents, k, k_aux=k_aux, seed=seed)
@@ -296,6 +301,8 @@ class JumpReLUTranscoder(Transcoder):
     must stay non-negative (the code's values are taken from ``relu(pre)``).
     At most ``k`` latents per token are kept, the largest; ``k = num_latents``
     keeps every latent above its threshold."""
+
+    learns_thresholds = True
 
     def __init__(self, d_in: int, num_latents: int, k: int, *, d_out: int | None = None, skip: bool = False,
                  initial_threshold: float = 0.001, bandwidth: float = 0.001, k_aux: int | None = None,
