@@ -12,11 +12,13 @@ last checkpoint):
    the run folder. Prose paragraphs only: markup roles unwrapped; code blocks,
    directives, tables and headings dropped. One file in 20 (by a hash of its
    path) is held out for evaluation.
-2. harvest: the outputs of BERT layers 1 and 3 (the residual stream) over every
-   training token (``interpkernels.activations.harvest``; paragraphs cut into
-   128-token pieces, padding excluded), with a progress bar and throughput.
+2. harvest: the outputs of BERT layers 1 and 3 (the residual stream) over the
+   first 1.1M training tokens, the files in a fixed random order
+   (``interpkernels.activations.harvest``; paragraphs cut into 128-token
+   pieces, padding excluded), with a progress bar and throughput.
 3. train: a ``TopKSAE`` per site (``interpkernels.train.train``, checkpoints
-   every 100 steps, ``resume=True``).
+   every 100 steps, ``resume=True``; a larger ``--steps`` continues a finished
+   run).
 4. evaluate: ``interpkernels.evaluation.evaluate`` on the held-out text, each
    site spliced alone; the loss is the sentence embedding's drift,
    ``1 - cos(embedding, clean embedding)`` (mean-pooled, as
@@ -284,15 +286,24 @@ class LatentReading:
 
 
 def context(tokenizer, tokens: np.ndarray, at: int, before: int = 10, after: int = 4) -> str:
-    """The text around token ``at``, kept inside its piece ([CLS] ... [SEP])."""
+    """The text around token ``at`` (in [[ ]]), kept inside its piece ([CLS] ... [SEP]); word pieces
+    are joined to their word, the firing one too ("sluggis[[h]]")."""
     start = at
     while start > 0 and at - start < before and tokens[start] != tokenizer.cls_token_id:
         start -= 1
     end = at
     while end + 1 < len(tokens) and end - at < after and tokens[end] != tokenizer.sep_token_id:
         end += 1
-    text = lambda ids: tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)  # noqa: E731
-    return f"{text(tokens[start:at])} [[{text(tokens[at:at + 1])}]] {text(tokens[at + 1:end + 1])}".strip()
+    text = ""
+    for position in range(start, end + 1):
+        if int(tokens[position]) in tokenizer.all_special_ids:
+            continue
+        piece = tokenizer.convert_ids_to_tokens(int(tokens[position]))
+        joined = piece.startswith("##")
+        piece = piece[2:] if joined else piece
+        piece = f"[[{piece}]]" if position == at else piece
+        text += piece if joined else " " + piece
+    return text.strip()
 
 
 def read_latents(sae: TopKSAE, site: activations.HarvestedSite, tokens: np.ndarray, tokenizer, latents: list[int],
@@ -371,7 +382,6 @@ def run(out: Path, corpus: Path | None = None, settings: Settings = Settings(), 
         model, tokenizer, saes, {name: reports[name].fvu for name in SITES}, settings.ig_steps,
         lambda name, latent: [])
     seconds["attribution"] = time.perf_counter() - started
-    minilm_attribution.report(attribution, tokenizer, log)
 
     started = time.perf_counter()
     tokens = np.array(activations.load_tokens(out / "activations"))
@@ -388,6 +398,7 @@ def run(out: Path, corpus: Path | None = None, settings: Settings = Settings(), 
             match = next((r for r in readings[name] if r.latent == entry.latent), None)
             entry.tokens = [FIRING.search(text).group(1) for text in match.contexts[:3]] if match else []
     seconds["contexts"] = time.perf_counter() - started
+    minilm_attribution.report(attribution, tokenizer, log)
     for name in SITES:
         log(f"{name}: top contexts (first 3 latents: the attribution's strongest; then 3 sampled alive ones)")
         for reading in readings[name]:
