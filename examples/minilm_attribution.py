@@ -182,6 +182,7 @@ def plot(outcome: Outcome, path: str) -> None:
         ax.set_title(f"{name} (SAE fvu {outcome.fvu[name]:.2f}; error node {outcome.error[name]:+.3f})",
                      fontsize=9)
         ax.set_xlabel("IG score, summed over tokens")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
     fig.suptitle(f"all-MiniLM-L6-v2, cos(a, b) {outcome.metric_clean:.3f} -> {outcome.metric_patched:.3f} "
                  "('cat' -> 'car'); latents labelled by the tokens that fire them most", fontsize=10)
     fig.tight_layout()

@@ -388,7 +388,7 @@ def run(out: Path, corpus: Path | None = None, settings: Settings = Settings(), 
     readings, frequencies = {}, {}
     generator = np.random.default_rng(0)
     for name in SITES:
-        attributed = [entry.latent for entry in attribution.top[name][:3]]
+        attributed = [entry.latent for entry in attribution.top[name]]
         alive = np.flatnonzero(reports[name].fired.numpy())
         sampled = [int(i) for i in generator.choice(alive, size=min(3, len(alive)), replace=False)
                    if int(i) not in attributed]
@@ -400,7 +400,8 @@ def run(out: Path, corpus: Path | None = None, settings: Settings = Settings(), 
     seconds["contexts"] = time.perf_counter() - started
     minilm_attribution.report(attribution, tokenizer, log)
     for name in SITES:
-        log(f"{name}: top contexts (first 3 latents: the attribution's strongest; then 3 sampled alive ones)")
+        log(f"{name}: top contexts (first the attribution's {len(attribution.top[name])} strongest latents, "
+            "then 3 sampled alive ones)")
         for reading in readings[name]:
             log(f"  latent {reading.latent:5d} fires on {reading.frequency:.2%} of tokens:")
             for text in reading.contexts:
