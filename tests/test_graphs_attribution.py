@@ -16,7 +16,7 @@ import torch
 from circuit_tracer_env import run_circuit_tracer
 from safetensors.torch import load_file, save_file
 
-from interpkernels.graphs import TranscoderSet, attribution_graph, load_transcoders, pruning, save_transcoders
+from interpkernels.graphs import TranscoderSet, attribution, attribution_graph, load_transcoders, pruning, save_transcoders
 from interpkernels.nn import JumpReLUTranscoder
 
 transformer_lens = pytest.importorskip("transformer_lens")
@@ -34,6 +34,9 @@ OPTIONS = dict(max_n_logits=5, desired_logit_prob=0.8, batch_size=16)
 # circuit-tracer's defaults, and an edge threshold at which dropping nodes left
 # without incoming or outgoing edges removes some (checked: 67 -> 50 nodes).
 PRUNINGS = [dict(node_threshold=0.8, edge_threshold=0.98), dict(node_threshold=0.8, edge_threshold=0.7)]
+# max_feature_nodes: rows for 60 of the ~110 features, chosen over 4 re-rankings
+# (circuit-tracer re-ranks every update_interval * batch_size = 16 rows).
+PARTIAL = dict(OPTIONS, batch_size=8, update_interval=2, max_feature_nodes=60)
 
 
 def random_case(dtype: torch.dtype, architecture: str = "gpt2", skip: bool = False, seed: int = 0):
@@ -142,7 +145,7 @@ def write_case(folder, architecture: str, dtype: torch.dtype, skip: bool, **side
     save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
     (folder / "config.json").write_text(json.dumps(
         {**CONFIG, **ARCHITECTURES[architecture], "seed": 1, "dtype": str(dtype).removeprefix("torch."),
-         "attribute": OPTIONS, "prune": PRUNINGS, **side_options}))
+         "attribute": OPTIONS, "prune": PRUNINGS} | side_options))
 
 
 @pytest.fixture(scope="module")
@@ -153,18 +156,16 @@ def circuit_tracer_graphs(tmp_path_factory) -> dict:
     for architecture, dtype, skip in itertools.product(ARCHITECTURES, DTYPES, [False, True]):
         folder = folders[architecture, dtype, skip] = tmp_path_factory.mktemp(f"{architecture}-{dtype}-{skip}")
         write_case(folder, architecture, dtype, skip)
+    for architecture, dtype in itertools.product(ARCHITECTURES, DTYPES):
+        folder = folders["partial", architecture, dtype] = tmp_path_factory.mktemp(f"partial-{architecture}-{dtype}")
+        write_case(folder, architecture, dtype, False, attribute=PARTIAL)
     run_circuit_tracer("graph", *folders.values())
     return folders
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_graph_equals_circuit_tracers_attribute(dtype, architecture, skip, circuit_tracer_graphs):
-    folder = circuit_tracer_graphs[architecture, dtype, skip]
-    theirs = load_file(folder / "theirs.safetensors")
-    model, _ = random_case(dtype, architecture, skip, seed=1)
-    ours = attribution_graph(model, load_transcoders(folder / "transcoders"), TOKENS, **OPTIONS)
+def assert_equals_theirs(ours, theirs: dict, dtype) -> None:
+    """Every node, edge, score and pruning of `ours` equal to circuit-tracer's
+    (circuit_tracer_side.py's theirs.safetensors)."""
     assert torch.equal(ours.active_features, theirs["active_features"])
     assert torch.equal(ours.selected_features, theirs["selected_features"])
     assert torch.equal(ours.logit_tokens, theirs["logit_tokens"])
@@ -189,6 +190,32 @@ def test_graph_equals_circuit_tracers_attribute(dtype, architecture, skip, circu
         torch.testing.assert_close(pruned.cumulative_scores, theirs[f"cumulative_scores{index}"], **tolerance)
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_graph_equals_circuit_tracers_attribute(dtype, architecture, skip, circuit_tracer_graphs):
+    folder = circuit_tracer_graphs[architecture, dtype, skip]
+    model, _ = random_case(dtype, architecture, skip, seed=1)
+    ours = attribution_graph(model, load_transcoders(folder / "transcoders"), TOKENS, **OPTIONS)
+    assert_equals_theirs(ours, load_file(folder / "theirs.safetensors"), dtype)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_max_feature_nodes_selects_circuit_tracers_rows(dtype, architecture, circuit_tracer_graphs):
+    """Their attribute(max_feature_nodes=60): logit rows, then features ranked by
+    partial influence in batches; the same features chosen, the same rows, the
+    graph's feature nodes only those (their column read)."""
+    folder = circuit_tracer_graphs["partial", architecture, dtype]
+    theirs = load_file(folder / "theirs.safetensors")
+    model, _ = random_case(dtype, architecture, seed=1)
+    ours = attribution_graph(model, load_transcoders(folder / "transcoders"), TOKENS, **PARTIAL)
+    assert ours.n_features == PARTIAL["max_feature_nodes"] < ours.active_features.shape[0]
+    # Not simply the first features in node order: the influence ranking chose them.
+    assert not torch.equal(ours.selected_features, torch.arange(ours.n_features))
+    assert_equals_theirs(ours, theirs, dtype)
+
+
 def test_bad_arguments_name_themselves():
     model, transcoders = random_case(torch.float32)
     with pytest.raises(ValueError, match="transcoders: 2 given for a model of 3 layers"):
@@ -199,8 +226,15 @@ def test_bad_arguments_name_themselves():
         attribution_graph(model, [object(), transcoders[1], transcoders[2]], TOKENS)
     with pytest.raises(ValueError, match="tokens: expected a 1-D"):
         attribution_graph(model, transcoders, TOKENS[None])
-    with pytest.raises(ValueError, match="batch_size: expected >= 1"):
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
         attribution_graph(model, transcoders, TOKENS, batch_size=0)
+    with pytest.raises(ValueError, match="update_interval: expected an int >= 1"):
+        attribution_graph(model, transcoders, TOKENS, update_interval=0)
+    with pytest.raises(ValueError, match="max_feature_nodes: expected None or an int >= 1"):
+        attribution_graph(model, transcoders, TOKENS, max_feature_nodes=0)
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"edge_mass: expected a share in \(0, 1\]"):
+            attribution_graph(model, transcoders, TOKENS, edge_mass=share)
 
 
 def test_influence_is_the_power_series_of_the_normalized_adjacency():
@@ -210,16 +244,20 @@ def test_influence_is_the_power_series_of_the_normalized_adjacency():
     n = 30
     dense = torch.randn(n, n, dtype=torch.float64) * (torch.rand(n, n) < 0.3)
     dense = dense.tril(-1)  # acyclic: every edge runs from a lower-numbered source to a higher target
-    normalized = pruning.row_normalized(dense.to_sparse())
+    edges = pruning.edges_of(dense.to_sparse_csr())
+    assert edges.columns.dtype == torch.int64 and edges.rows.dtype == torch.int64
+    normalized = pruning.row_normalized(edges)
     magnitudes = dense.abs()
     want_normalized = magnitudes / magnitudes.sum(1, keepdim=True).clamp(min=1e-10)
-    torch.testing.assert_close(normalized.to_dense(), want_normalized)
+    got_normalized = torch.zeros_like(dense).index_put_((normalized.rows.long(), normalized.columns.long()),
+                                                        normalized.values)
+    torch.testing.assert_close(got_normalized, want_normalized)
     weights = torch.zeros(n, dtype=torch.float64)
     weights[-3:] = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     want = weights @ (torch.linalg.inv(torch.eye(n, dtype=torch.float64) - want_normalized) - torch.eye(n))
     torch.testing.assert_close(pruning.influence(normalized, weights), want)
     with pytest.raises(RuntimeError, match="cycle"):
-        pruning.influence(pruning.row_normalized(torch.ones(3, 3, dtype=torch.float64).to_sparse()),
+        pruning.influence(pruning.row_normalized(pruning.edges_of(torch.ones(3, 3, dtype=torch.float64).to_sparse_csr())),
                           torch.ones(3, dtype=torch.float64), max_iter=50)
 
 
@@ -231,3 +269,62 @@ def test_a_layer_without_active_features():
     assert graph.n_features > 0 and not bool((graph.active_features[:, 0] == 1).any())
     want = frozen_intervention_adjacency(model, transcoders, graph)
     assert (graph.adjacency.to_dense() - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+def naive_kept_edges(row: torch.Tensor, share: float) -> torch.Tensor:
+    """The per-row reference: sort |A| descending, walk the running sum (float64)
+    to the first entry where it reaches `share` of the total, keep every
+    non-zero edge at least that large."""
+    magnitudes = row.abs()
+    ordered = torch.sort(magnitudes, descending=True).values
+    cumulative = ordered.cumsum(0, dtype=torch.float64)
+    index = min(int(torch.searchsorted(cumulative, share * magnitudes.sum(dtype=torch.float64))),
+                ordered.shape[0] - 1)
+    return (magnitudes >= ordered[index]) & (magnitudes > 0)
+
+
+def test_mass_thresholds_keep_what_a_per_row_sort_keeps():
+    """Rows past topk's first guess (k = 256 grows), with ties, a zero row and
+    a row whose mass sits in one entry."""
+    torch.manual_seed(0)
+    block = torch.randn(6, 3000) * (torch.rand(6, 3000) < 0.6)
+    block[1] = block[1].round()  # ties everywhere
+    block[2] = 0
+    block[3, 17] = 1e6
+    for share in (0.3, 0.9, 0.99, 0.999999):
+        thresholds = attribution.mass_thresholds(block.abs(), share)
+        for row in range(block.shape[0]):
+            kept = (block[row].abs() >= thresholds[row]) & (block[row] != 0)
+            assert torch.equal(kept, naive_kept_edges(block[row], share)), (share, row)
+            total = block[row].abs().sum(dtype=torch.float64)
+            assert block[row].abs()[kept].sum(dtype=torch.float64) >= share * total * (1 - 1e-12)
+    assert not bool(((block[2].abs() >= attribution.mass_thresholds(block.abs(), 0.5)[2]) & (block[2] != 0)).any())
+
+
+@pytest.mark.parametrize("share", [0.5, 0.9])
+def test_edge_mass_keeps_each_rows_largest_edges(share):
+    """edge_mass < 1: each row of the graph is the exact graph's row (edge_mass
+    1, the oracle-checked one) cut by the per-row reference, so it holds at
+    least that share of the row's absolute mass."""
+    model, transcoders = random_case(torch.float64)
+    exact = attribution_graph(model, transcoders, TOKENS, **OPTIONS).adjacency.to_dense()
+    pruned = attribution_graph(model, transcoders, TOKENS, **OPTIONS, edge_mass=share).adjacency.to_dense()
+    filled = exact.abs().sum(1) > 0
+    assert int(filled.sum()) > 100
+    for row in filled.nonzero().flatten().tolist():
+        kept = naive_kept_edges(exact[row], share)
+        assert torch.equal(pruned[row] != 0, kept), row
+        assert torch.equal(pruned[row][kept], exact[row][kept])
+        assert pruned[row].abs().sum() >= share * exact[row].abs().sum() * (1 - 1e-12)
+    assert (pruned != 0).sum() < (exact != 0).sum()
+    assert not bool(pruned[~filled].any())
+
+
+def test_small_vector_jacobian_passes_give_the_same_graph(monkeypatch):
+    """A memory budget of one row per pass splits every batch: the same graph."""
+    model, transcoders = random_case(torch.float64)
+    want = attribution_graph(model, transcoders, TOKENS, **OPTIONS).adjacency.to_dense()
+    monkeypatch.setattr(attribution, "_PASS_MEMORY_BYTES", 1)
+    got = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
+    assert torch.equal(got.adjacency.to_dense(), want)
+    assert got.adjacency.col_indices().dtype == torch.int32 and got.adjacency.values().dtype == torch.float64

@@ -27,11 +27,13 @@ never ``[all rows, nodes]`` or ``[nodes, nodes]``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from interpkernels._progress import Progress
 from interpkernels.graphs import export, pruning
 from interpkernels.graphs.pruning import PrunedGraph
 from interpkernels.graphs.transcoders import DEFAULT_INPUT_HOOK, DEFAULT_OUTPUT_HOOK, TranscoderSet
@@ -49,12 +51,14 @@ _FIRST_POSITION = 1
 class AttributionGraph:
     """An unpruned attribution graph, in circuit-tracer's node order.
 
-    active_features ``[n_features, 3]`` (layer, position, latent);
-    activation_values ``[n_features]``; selected_features: the features whose
-    rows were computed (all of them here); logit_tokens, logit_probabilities
-    ``[n_logits]``; adjacency: sparse COO ``[n_nodes, n_nodes]``, rows targets,
-    columns sources (feature rows and logit rows filled; error and token rows
-    empty), exact zeros left out.
+    active_features ``[n_active, 3]`` (layer, position, latent);
+    activation_values ``[n_active]``; selected_features: the indices into
+    active_features whose rows were computed, ascending (all of them unless
+    max_feature_nodes was given): the graph's feature nodes; logit_tokens,
+    logit_probabilities ``[n_logits]``; adjacency: sparse CSR ``[n_nodes,
+    n_nodes]`` (int32 indices), rows targets, columns sources (feature rows and
+    logit rows filled; error and token rows empty), exact zeros left out, and
+    with edge_mass < 1 the edges each row dropped.
     """
 
     tokens: torch.Tensor  # [n_pos]
@@ -68,7 +72,8 @@ class AttributionGraph:
 
     @property
     def n_features(self) -> int:
-        return self.active_features.shape[0]
+        """Feature nodes of the adjacency: the selected features."""
+        return self.selected_features.shape[0]
 
     def error_node(self, layer: int, position: int) -> int:
         return self.n_features + layer * self.tokens.shape[0] + position
@@ -214,54 +219,253 @@ def _salient_logits(final_logits: torch.Tensor, W_U: torch.Tensor, max_n_logits:
     return tokens, probabilities[tokens], vectors.detach()
 
 
-def _source_columns(codes: list[_LayerCode], n_features: int, n_pos: int, device) -> torch.Tensor:
-    """Node index of each source, in the order of :func:`_edges_of_batch`: per
-    layer its features then its errors, then the tokens."""
-    columns, feature_start = [], 0
-    for layer, code in enumerate(codes):
-        columns.append(torch.arange(feature_start, feature_start + code.latents.shape[0], device=device))
-        columns.append(n_features + layer * n_pos + torch.arange(n_pos, device=device))
-        feature_start += code.latents.shape[0]
-    columns.append(n_features + len(codes) * n_pos + torch.arange(n_pos, device=device))
-    return torch.cat(columns)
+@dataclass
+class _Targets:
+    """Every row's target, as circuit-tracer visits them: target ``t < n_logits``
+    is logit t (read at the unembedding's input, last position), target
+    ``n_logits + f`` is feature f in node order (read at its layer's MLP input)."""
+
+    sites: torch.Tensor  # [n_targets]: the layer whose MLP input is read, n_layers for the unembedding's input
+    positions: torch.Tensor  # [n_targets]
+    nodes: torch.Tensor  # [n_targets]: the target's node index before unselected features are dropped
+    logit_vectors: torch.Tensor  # [n_logits, d]
+    encoders: list[torch.Tensor]  # per layer [n, d]
+    feature_starts: list[int]  # per layer, its first feature's index
+
+    def vectors(self, targets: torch.Tensor) -> torch.Tensor:
+        """The vector each target reads at its site: encoder row or de-meaned unembedding column."""
+        n_logits = self.logit_vectors.shape[0]
+        vectors = self.logit_vectors.new_empty(targets.shape[0], self.logit_vectors.shape[1])
+        is_logit = targets < n_logits
+        vectors[is_logit] = self.logit_vectors[targets[is_logit]]
+        for layer in self.sites[targets[~is_logit]].unique().tolist():
+            of_layer = (~is_logit) & (self.sites[targets] == layer)
+            vectors[of_layer] = self.encoders[layer][targets[of_layer] - n_logits - self.feature_starts[layer]]
+        return vectors
 
 
-def _edges_of_batch(gradients, codes: list[_LayerCode], token_vectors: torch.Tensor):
-    """Dense edges ``[batch, sources reached]`` of one batch of targets from the
-    gradients at every MLP output and at the token embeddings, and the mask of
-    the sources they reach within :func:`_source_columns` (a layer no target
-    of the batch reads past has no gradient)."""
-    edges, reached = [], []
-    for gradient, code in zip(gradients[:-1], codes):
-        n_sources = code.latents.shape[0] + code.errors.shape[0]
-        reached.append(torch.full((n_sources,), gradient is not None, device=token_vectors.device))
-        if gradient is not None:
-            gradient = gradient[:, 0]  # [batch, n_pos, d]
-            size = gradient.shape[0]
-            # Each (target, position) row dotted with the scaled decoders of that position's
-            # features only (a sampled dense-dense product), not a [batch, features, d] gather.
-            dots = torch.ops.interpkernels.gathered_dot(gradient.reshape(-1, gradient.shape[-1]),
-                                                        code.slots.repeat(size, 1), code.scaled_decoders)
-            edges.append(dots.view(size, -1)[:, code.position_slots])
-            edges.append(torch.einsum("bpd,pd->bp", gradient, code.errors))
-    # Every target reads past the embedding.
-    edges.append(torch.einsum("bpd,pd->bp", gradients[-1][:, 0], token_vectors))
-    reached.append(torch.ones(token_vectors.shape[0], dtype=torch.bool, device=token_vectors.device))
-    return torch.cat(edges, dim=1), torch.cat(reached)
+def _targets(codes: list[_LayerCode], logit_vectors: torch.Tensor, n_pos: int) -> _Targets:
+    n_layers, n_logits = len(codes), logit_vectors.shape[0]
+    n_features = sum(code.latents.shape[0] for code in codes)
+    logit_offset = n_features + (n_layers + 1) * n_pos
+    device = logit_vectors.device
+    sites = torch.cat([torch.full((n_logits,), n_layers, device=device)]
+                      + [torch.full_like(code.positions, layer) for layer, code in enumerate(codes)])
+    positions = torch.cat([torch.full((n_logits,), n_pos - 1, device=device)] + [code.positions for code in codes])
+    nodes = torch.cat([torch.arange(logit_offset, logit_offset + n_logits, device=device),
+                       torch.arange(n_features, device=device)])
+    sizes = [code.latents.shape[0] for code in codes]
+    starts = [sum(sizes[:layer]) for layer in range(n_layers)]
+    return _Targets(sites, positions, nodes, logit_vectors, [code.encoders for code in codes], starts)
+
+
+def _edges_into_block(block: torch.Tensor, gradients, codes: list[_LayerCode], feature_starts: list[int],
+                      token_vectors: torch.Tensor) -> None:
+    """Write the edges of one pass's targets into `block` ``[rows, sources]``
+    (sources in node order: features, errors, tokens; zero-filled) from the
+    gradients at the MLP outputs below the targets' site (``gradients[:-1]``)
+    and at the token embeddings (``gradients[-1]``)."""
+    n_features = sum(code.latents.shape[0] for code in codes)
+    n_pos = token_vectors.shape[0]
+    for layer, gradient in enumerate(gradients[:-1]):
+        code = codes[layer]
+        gradient = gradient[:, 0]  # [rows, n_pos, d]
+        size = gradient.shape[0]
+        start = feature_starts[layer]
+        # Each (target, position) row dotted with the scaled decoders of that position's
+        # features only (a sampled dense-dense product), not a [rows, features, d] gather.
+        dots = torch.ops.interpkernels.gathered_dot(gradient.reshape(-1, gradient.shape[-1]),
+                                                    code.slots.repeat(size, 1), code.scaled_decoders)
+        block[:, start:start + code.latents.shape[0]] = dots.view(size, -1)[:, code.position_slots]
+        errors = n_features + layer * n_pos
+        block[:, errors:errors + n_pos] = torch.einsum("bpd,pd->bp", gradient, code.errors)
+    tokens = n_features + len(codes) * n_pos
+    block[:, tokens:tokens + n_pos] = torch.einsum("bpd,pd->bp", gradients[-1][:, 0], token_vectors)
+
+
+def mass_thresholds(magnitudes: torch.Tensor, share: float) -> torch.Tensor:
+    """Per row of `magnitudes` ``[rows, n]`` (non-negative), the value t such
+    that the entries ``>= t`` are the fewest largest ones whose sum reaches
+    `share` of the row's sum: walking the row sorted descending, the entry at
+    which the running sum (float64) first reaches ``share * total``. Found by
+    selection: the top k of each row (``torch.topk``), k growing fourfold
+    only for rows whose top k do not yet hold the share, not a sort of the row."""
+    rows, n = magnitudes.shape
+    thresholds = magnitudes.new_zeros(rows)
+    if n == 0:
+        return thresholds
+    wanted = share * magnitudes.sum(1, dtype=torch.float64)
+    pending = torch.arange(rows, device=magnitudes.device)
+    k = min(n, 256)
+    while pending.numel():
+        top = torch.topk(magnitudes[pending], k, dim=1).values
+        cumulative = top.cumsum(1, dtype=torch.float64)
+        done = (cumulative[:, -1] >= wanted[pending]) | (k == n)
+        index = torch.searchsorted(cumulative[done], wanted[pending][done, None]).clamp(max=k - 1)
+        thresholds[pending[done]] = top[done].gather(1, index)[:, 0]
+        pending = pending[~done]
+        k = min(n, 4 * k)
+    return thresholds
+
+
+def _kept_edges(block: torch.Tensor, edge_mass: float) -> torch.Tensor:
+    """Mask of the edges each row of `block` keeps: every non-zero edge at
+    edge_mass 1, else its largest ones by |A| holding edge_mass of the row's
+    absolute sum (ties with the smallest kept one kept too)."""
+    if edge_mass >= 1.0:
+        return block != 0
+    magnitudes = block.abs()
+    return (magnitudes >= mass_thresholds(magnitudes, edge_mass)[:, None]) & (magnitudes > 0)
+
+
+class _RowStore:
+    """The rows computed so far, one compact sparse chunk per pass: the node of
+    each row (before unselected features are dropped), its edge count, and its
+    edges' columns (int32, ascending) and values. Rows arrive in the order
+    they are computed (circuit-tracer's: logits, then features by influence)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[torch.Tensor] = []
+        self.counts: list[torch.Tensor] = []
+        self.columns: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, nodes: torch.Tensor, block: torch.Tensor, edge_mass: float) -> None:
+        kept = _kept_edges(block, edge_mass)
+        members, columns = kept.nonzero(as_tuple=True)
+        self.nodes.append(nodes)
+        self.counts.append(kept.sum(1))
+        self.columns.append(columns.to(torch.int32))
+        self.values.append(block[members, columns])
+
+    @property
+    def n_edges(self) -> int:
+        return sum(columns.shape[0] for columns in self.columns)
+
+    def partial_influence(self, logit_probabilities: torch.Tensor, n_nodes: int, max_iter: int = 128) -> torch.Tensor:
+        """circuit-tracer's compute_partial_influences on the rows so far:
+        ``p A + p A^2 + ...`` for the row-normalised |A| of the computed rows
+        (row sums clamped at 1e-8), p the logit probabilities."""
+        normalized = []
+        for counts, values in zip(self.counts, self.values):
+            magnitudes = values.abs()
+            row_of_edge = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+            sums = magnitudes.new_zeros(counts.shape[0]).index_add_(0, row_of_edge, magnitudes)
+            normalized.append((row_of_edge, magnitudes / sums.clamp(min=1e-8)[row_of_edge]))
+        current = logit_probabilities.new_zeros(n_nodes)
+        current[n_nodes - logit_probabilities.shape[0]:] = logit_probabilities
+        total = torch.zeros_like(current)
+        for _ in range(max_iter):
+            following = torch.zeros_like(current)
+            for nodes, columns, (row_of_edge, shares) in zip(self.nodes, self.columns, normalized):
+                weights = current[nodes]
+                if weights.any():
+                    following.index_add_(0, columns, weights[row_of_edge] * shares)
+            current = following
+            if not current.any():
+                return total
+            total += current
+        raise RuntimeError(f"partial influence did not converge in {max_iter} steps")
+
+    def to_csr(self, column_of_node: torch.Tensor, row_of_node: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """The rows as a sparse CSR matrix ``[n_rows, n_rows]`` with int32
+        indices: node i's row at ``row_of_node[i]``, its edge to node j in
+        column ``column_of_node[j]``, edges to nodes mapped to -1 (features
+        without a row) left out. Chunks are freed as they are placed, so the
+        matrix and the store are not both held whole."""
+        device = column_of_node.device
+        kept_counts = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        for nodes, counts, columns in zip(self.nodes, self.counts, self.columns):
+            row_of_edge = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts)
+            kept = column_of_node[columns] >= 0
+            kept_counts[row_of_node[nodes]] = torch.zeros_like(counts).index_add_(0, row_of_edge, kept.long())
+        row_starts = torch.cat([kept_counts.new_zeros(1), kept_counts.cumsum(0)])
+        n_edges = int(row_starts[-1])
+        if n_edges >= 2**31:
+            raise ValueError(f"{n_edges:,} edges: past the int32 indices of the adjacency; lower max_feature_nodes "
+                             "or edge_mass")
+        out_columns = torch.empty(n_edges, dtype=torch.int32, device=device)
+        out_values = torch.empty(n_edges, dtype=self.values[0].dtype if self.values else torch.float32,
+                                 device=device)
+        while self.nodes:
+            nodes, counts, columns, values = self.nodes.pop(0), self.counts.pop(0), self.columns.pop(0), \
+                self.values.pop(0)
+            mapped = column_of_node[columns]
+            kept = mapped >= 0
+            row_of_edge = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts)
+            # Kept edges before each edge and before each row's first: an edge's rank in its
+            # row (the mapped columns stay ascending, as the columns are).
+            kept_before = torch.cat([kept.new_zeros(1, dtype=torch.int64), torch.cumsum(kept, 0)])
+            rank = kept_before[:-1] - kept_before[torch.cumsum(counts, 0) - counts][row_of_edge]
+            destination = (row_starts[row_of_node[nodes]][row_of_edge] + rank)[kept]
+            out_columns[destination] = mapped[kept]
+            out_values[destination] = values[kept]
+        with warnings.catch_warnings():  # "CSR support is in beta": the layout is used for storage only
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(row_starts.to(torch.int32), out_columns, out_values, (n_rows, n_rows),
+                                           check_invariants=True)
+
+
+# Bytes a vector-Jacobian pass may take: it runs as many rows at once as fit
+# (at least one), whatever batch_size says; batch_size only paces the schedule.
+_PASS_MEMORY_BYTES = 512 * 2**20
+
+
+def _rows_per_pass(n_sources: int, n_pos: int, d_model: int, n_sites: int, itemsize: int) -> int:
+    """Rows one pass holds within _PASS_MEMORY_BYTES: per row, its seed and
+    gradients at each site and the backward's temporaries (about eight
+    ``[n_pos, d_model]`` tensors per site, measured on the benchmark's
+    model), and its dense edge row with its mask and magnitudes."""
+    per_row = (8 * n_sites * n_pos * d_model + 3 * n_sources) * itemsize
+    return max(1, _PASS_MEMORY_BYTES // per_row)
+
+
+def _feature_schedule(store: _RowStore, logit_probabilities: torch.Tensor, n_features: int,
+                      max_feature_nodes: int, batch_size: int, update_interval: int, n_nodes: int):
+    """circuit-tracer's order of feature rows (attribute.py, phase 4): every
+    feature in node order when all are wanted; else, every
+    ``update_interval * batch_size`` rows, the features not yet visited ranked
+    by their partial influence (:meth:`_RowStore.partial_influence`) on the
+    rows computed so far. Yields batches of feature indices, batch_size at most."""
+    visited = torch.zeros(n_features, dtype=torch.bool)
+    n_visited = 0
+    while n_visited < max_feature_nodes:
+        if max_feature_nodes == n_features:
+            pending = torch.arange(n_features)
+        else:
+            influences = store.partial_influence(logit_probabilities, n_nodes)
+            ranked = torch.argsort(influences[:n_features], descending=True).cpu()
+            pending = ranked[~visited[ranked]][:min(update_interval * batch_size, max_feature_nodes - n_visited)]
+        for start in range(0, pending.shape[0], batch_size):
+            batch = pending[start:start + batch_size]
+            n_visited += batch.shape[0]
+            visited[batch] = True
+            yield batch
 
 
 def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], tokens: torch.Tensor, *,
-                      max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-                      batch_size: int = 64) -> AttributionGraph:
+                      max_n_logits: int = 10, desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None,
+                      batch_size: int = 64, update_interval: int = 4, edge_mass: float = 1.0) -> AttributionGraph:
     """The attribution graph of `tokens` (1-D, BOS first) on a TransformerLens
     ``HookedTransformer`` (tested: GPT-2 style, LayerNorm and learned
     positions; Llama style, RMSNorm, rotary and gated MLP) with one
     per-layer transcoder per layer (with or without a skip connection), reading the MLP's
     input and writing its output; equal to circuit-tracer 0.5.0's
     ``attribute(tokens, ReplacementModel(model, transcoders),
-    max_n_logits=..., desired_logit_prob=...)`` with every feature's row
-    computed (its max_feature_nodes=None). batch_size: target rows per
-    vector-Jacobian product.
+    max_n_logits=..., desired_logit_prob=..., batch_size=...,
+    max_feature_nodes=..., update_interval=...)``.
+
+    max_feature_nodes: rows computed for at most this many features (all when
+    None), chosen as circuit-tracer chooses them: the logit rows first, then
+    batches of batch_size features ranked by their influence on the rows so
+    far, re-ranked every update_interval batches. selected_features: the
+    features whose rows were computed (ascending); they alone are feature
+    nodes of the adjacency. batch_size paces that schedule; each
+    vector-Jacobian pass runs as many rows as fit a fixed memory budget.
+
+    edge_mass: per row, keep the largest edges by |A| holding this share of
+    the row's absolute sum (1: every edge, the exact graph), pruned as each
+    row is computed, by selection rather than a sort of the row.
 
     A transcoder's code is used as it encodes: give JumpReLU transcoders
     ``k = num_latents`` (load_transcoders' default) to keep every active latent.
@@ -270,8 +474,13 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
     per_layer = _check_transcoders(transcoders, n_layers)
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1 or tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"tokens: expected a 1-D int64 or int32 tensor, got {tokens!r:.80}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    for name, value in (("batch_size", batch_size), ("update_interval", update_interval)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int) or max_feature_nodes < 1):
+        raise ValueError(f"max_feature_nodes: expected None or an int >= 1, got {max_feature_nodes!r}")
+    if not 0.0 < edge_mass <= 1.0:
+        raise ValueError(f"edge_mass: expected a share in (0, 1], got {edge_mass!r}")
     n_pos = tokens.shape[0]
 
     final_logits, mlp_inputs, mlp_outputs, embedding, unembedding_input = _frozen_forward(model, tokens, per_layer)
@@ -279,46 +488,73 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
              for layer, transcoder in enumerate(per_layer)]
     logit_tokens, logit_probabilities, logit_vectors = _salient_logits(
         final_logits, model.W_U, max_n_logits, desired_logit_prob)
+    logit_probabilities = logit_probabilities.detach()
+    targets = _targets(codes, logit_vectors, n_pos)
 
     n_features = sum(code.latents.shape[0] for code in codes)
-    token_offset = n_features + n_layers * n_pos
-    logit_offset = token_offset + n_pos
-    n_nodes = logit_offset + logit_tokens.shape[0]
-    device = final_logits.device
-    # Source columns of one batch's rows, in the order _edges_of_batch lays them out.
-    source_columns = _source_columns(codes, n_features, n_pos, device)
-
-    # Targets as circuit-tracer visits them: logits (at the unembedding's input,
-    # last position), then features (at their layer's MLP input).
     n_logits = logit_tokens.shape[0]
-    target_sites = torch.cat([torch.full((n_logits,), n_layers, device=device)]
-                             + [torch.full_like(code.positions, layer) for layer, code in enumerate(codes)]).tolist()
-    target_positions = torch.cat([torch.full((n_logits,), n_pos - 1, device=device)]
-                                 + [code.positions for code in codes]).tolist()
-    target_vectors = torch.cat([logit_vectors] + [code.encoders for code in codes])
-    target_rows = torch.cat([torch.arange(logit_offset, n_nodes, device=device), torch.arange(n_features, device=device)])
-
+    logit_offset = n_features + (n_layers + 1) * n_pos
+    n_selected = n_features if max_feature_nodes is None else min(max_feature_nodes, n_features)
     sites = [*mlp_inputs, unembedding_input]
     leaves = [*mlp_outputs, embedding]
     token_vectors = embedding[0].detach()
-    rows, columns, values = [], [], []
-    for start in range(0, target_rows.shape[0], batch_size):
-        batch = slice(start, start + batch_size)
-        seeds = [site.new_zeros(target_rows[batch].shape[0], *site.shape) for site in sites]
-        for member, (site, position, vector) in enumerate(zip(target_sites[batch], target_positions[batch],
-                                                               target_vectors[batch])):
-            seeds[site][member, 0, position] = vector
-        gradients = torch.autograd.grad(sites, leaves, seeds, retain_graph=True, allow_unused=True,
-                                        is_grads_batched=True)
-        batch_edges, reached = _edges_of_batch(gradients, codes, token_vectors)
-        member, column = batch_edges.nonzero(as_tuple=True)
-        rows.append(target_rows[batch][member])
-        columns.append(source_columns[reached][column])
-        values.append(batch_edges[member, column])
+    pass_rows = _rows_per_pass(logit_offset, n_pos, model.cfg.d_model, n_layers + 1, final_logits.element_size())
+    store = _RowStore()
 
-    adjacency = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(columns)]), torch.cat(values),
-                                        (n_nodes, n_nodes), check_invariants=True).coalesce()
+    def compute_rows(batch: torch.Tensor) -> None:
+        """The rows of targets `batch`, one pass per site and at most pass_rows rows, into the store."""
+        batch_sites = targets.sites[batch]
+        for site in batch_sites.unique().tolist():
+            of_site = batch[batch_sites == site]
+            for start in range(0, of_site.shape[0], pass_rows):
+                members = of_site[start:start + pass_rows]
+                seed = sites[site].new_zeros(members.shape[0], *sites[site].shape)
+                seed[torch.arange(members.shape[0]), 0, targets.positions[members]] = targets.vectors(members)
+                # A site reads only the MLP outputs below it and the embeddings.
+                gradients = torch.autograd.grad(sites[site], leaves[:site] + leaves[-1:], seed, retain_graph=True,
+                                                is_grads_batched=True)
+                block = final_logits.new_zeros(members.shape[0], logit_offset)
+                _edges_into_block(block, gradients, codes, targets.feature_starts, token_vectors)
+                del gradients, seed
+                store.add(targets.nodes[members], block, edge_mass)
+
+    # Long graphs show their rows' progress (a bar on a terminal, lines in a log).
+    progress = Progress(n_logits + n_selected, "row", enabled=n_logits + n_selected > 16 * batch_size)
+
+    def advance(rows: int) -> None:
+        progress.advance(rows)
+        if progress.due():
+            progress.show("attribution graph", f"{progress.done}/{progress.total} rows, {store.n_edges:,} edges")
+
+    try:
+        for start in range(0, n_logits, batch_size):
+            batch = torch.arange(start, min(start + batch_size, n_logits))
+            compute_rows(batch)
+            advance(batch.shape[0])
+        for features in _feature_schedule(store, logit_probabilities, n_features, n_selected, batch_size,
+                                          update_interval, logit_offset + n_logits):
+            compute_rows(n_logits + features)
+            advance(features.shape[0])
+    finally:
+        progress.close()
+
+    # Logit rows' nodes come after every feature's, so the first n_selected are the features.
+    selected_features = torch.cat(store.nodes).sort().values[:n_selected].cpu()
+    adjacency = store.to_csr(*_node_maps(selected_features, n_features, logit_offset, n_logits),
+                             n_selected + (n_layers + 1) * n_pos + n_logits)
     active_features = torch.cat([torch.stack([torch.full_like(code.positions, layer), code.positions, code.latents], 1)
                                  for layer, code in enumerate(codes)])
     return AttributionGraph(tokens, n_layers, active_features, torch.cat([code.values for code in codes]),
-                            torch.arange(n_features), logit_tokens, logit_probabilities.detach(), adjacency)
+                            selected_features, logit_tokens, logit_probabilities, adjacency)
+
+
+def _node_maps(selected_features: torch.Tensor, n_features: int, logit_offset: int, n_logits: int):
+    """Where each node of the computation (every active feature, errors,
+    tokens, logits) sits in the graph, whose feature nodes are the selected
+    features only (circuit-tracer's column read): as a column (-1: left out)
+    and as a row."""
+    n_nodes = logit_offset + n_logits
+    position = torch.full((n_nodes,), -1, dtype=torch.int64)
+    position[selected_features] = torch.arange(selected_features.shape[0])
+    position[n_features:] = torch.arange(n_nodes - n_features) + selected_features.shape[0]
+    return position.to(torch.int32), position

@@ -23,24 +23,41 @@ class PrunedGraph(NamedTuple):
     cumulative_scores: torch.Tensor  # [n_nodes]: share of total influence of the nodes at least as influential
 
 
-def row_normalized(adjacency: torch.Tensor) -> torch.Tensor:
+class Edges(NamedTuple):
+    """A graph's non-zero edges as flat arrays, row-major: target rows and
+    source columns (int32 from a CSR adjacency) and their values."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    values: torch.Tensor
+    n_nodes: int
+
+
+def edges_of(adjacency: torch.Tensor) -> Edges:
+    """The edges of a sparse CSR (or coalesced COO) adjacency, without copying its columns or values."""
+    if adjacency.layout == torch.sparse_csr:
+        crow = adjacency.crow_indices()
+        rows = torch.repeat_interleave(torch.arange(adjacency.shape[0], dtype=crow.dtype, device=crow.device),
+                                       crow.diff())
+        return Edges(rows, adjacency.col_indices(), adjacency.values(), adjacency.shape[0])
+    rows, columns = adjacency.coalesce().indices()
+    return Edges(rows, columns, adjacency.coalesce().values(), adjacency.shape[0])
+
+
+def row_normalized(edges: Edges) -> Edges:
     """|A| with each row divided by its sum (circuit-tracer's normalize_matrix)."""
-    rows, columns = adjacency.indices()
-    magnitudes = adjacency.values().abs()
-    row_sums = magnitudes.new_zeros(adjacency.shape[0]).index_add_(0, rows, magnitudes)
-    values = magnitudes / row_sums.clamp(min=1e-10)[rows]
-    return torch.sparse_coo_tensor(adjacency.indices(), values, adjacency.shape, is_coalesced=True,
-                                   check_invariants=True)
+    magnitudes = edges.values.abs()
+    row_sums = magnitudes.new_zeros(edges.n_nodes).index_add_(0, edges.rows, magnitudes)
+    return edges._replace(values=magnitudes.div_(row_sums.clamp(min=1e-10)[edges.rows]))
 
 
-def influence(normalized: torch.Tensor, logit_weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+def influence(normalized: Edges, logit_weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
     """``w A + w A^2 + ...`` for the logits' weights w (circuit-tracer's
     compute_influence); the series ends because the graph has no cycle."""
-    rows, columns = normalized.indices()
-    values = normalized.values()
 
     def times_matrix(vector: torch.Tensor) -> torch.Tensor:
-        return vector.new_zeros(normalized.shape[1]).index_add_(0, columns, vector[rows] * values)
+        return vector.new_zeros(normalized.n_nodes).index_add_(0, normalized.columns,
+                                                              vector[normalized.rows] * normalized.values)
 
     current = times_matrix(logit_weights)
     total = current.clone()
@@ -82,41 +99,42 @@ def prune(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> P
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
-    adjacency = graph.adjacency
-    n_nodes = adjacency.shape[0]
+    n_nodes = graph.adjacency.shape[0]
     n_tokens, n_logits, n_features = graph.tokens.shape[0], graph.logit_tokens.shape[0], graph.n_features
     weights = logit_weights(graph)
+    edges = edges_of(graph.adjacency)
 
-    node_influence = influence(row_normalized(adjacency), weights)
+    node_influence = influence(row_normalized(edges), weights)
     node_mask = node_influence >= score_threshold(node_influence, node_threshold)
     node_mask[-n_logits - n_tokens:] = True
 
-    rows, columns = adjacency.indices()
-    between_kept = node_mask[rows] & node_mask[columns]
-    pruned = torch.sparse_coo_tensor(adjacency.indices()[:, between_kept], adjacency.values()[between_kept],
-                                     adjacency.shape, is_coalesced=True, check_invariants=True)
+    between_kept = node_mask[edges.rows] & node_mask[edges.columns]
+    pruned = Edges(edges.rows[between_kept], edges.columns[between_kept], edges.values[between_kept], n_nodes)
+    del edges, between_kept
     normalized = row_normalized(pruned)
     pruned_influence = influence(normalized, weights) + weights
-    rows, columns = pruned.indices()
-    edge_scores = normalized.values() * pruned_influence[rows]
+    edge_scores = normalized.values.mul_(pruned_influence[pruned.rows])
     edge_mask = edge_scores >= score_threshold(edge_scores, edge_threshold)
+    del normalized, edge_scores
 
+    rows, columns = pruned.rows, pruned.columns
     sources_end = n_nodes - n_logits - n_tokens  # features and errors: need an outgoing edge
     previous = None
     while previous is None or not torch.equal(previous, node_mask):
         previous = node_mask.clone()
         edge_mask &= node_mask[rows] & node_mask[columns]
-        has_outgoing = torch.zeros(n_nodes, dtype=torch.bool).index_fill_(0, columns[edge_mask], True)
-        has_incoming = torch.zeros(n_nodes, dtype=torch.bool).index_fill_(0, rows[edge_mask], True)
+        has_outgoing = torch.zeros(n_nodes, dtype=torch.bool).index_fill_(0, columns[edge_mask].long(), True)
+        has_incoming = torch.zeros(n_nodes, dtype=torch.bool).index_fill_(0, rows[edge_mask].long(), True)
         node_mask[:sources_end] &= has_outgoing[:sources_end]
         node_mask[:n_features] &= has_incoming[:n_features]
 
     ordered, order = torch.sort(node_influence, descending=True)
     cumulative_scores = torch.zeros_like(node_influence)
     cumulative_scores[order] = torch.cumsum(ordered, dim=0) / torch.sum(ordered)
-    edges = torch.sparse_coo_tensor(pruned.indices()[:, edge_mask], pruned.values()[edge_mask], adjacency.shape,
-                                    is_coalesced=True, check_invariants=True)
-    return PrunedGraph(node_mask, edges, cumulative_scores)
+    kept = torch.stack([rows[edge_mask], columns[edge_mask]]).long()
+    return PrunedGraph(node_mask, torch.sparse_coo_tensor(kept, pruned.values[edge_mask], graph.adjacency.shape,
+                                                          is_coalesced=True, check_invariants=True),
+                       cumulative_scores)
 
 
 def scores(graph) -> tuple[float, float]:
@@ -129,16 +147,15 @@ def scores(graph) -> tuple[float, float]:
     n_tokens, n_features = graph.tokens.shape[0], graph.n_features
     error_start, error_end = n_features, n_features + graph.n_layers * n_tokens
     weights = logit_weights(graph)
-    normalized = row_normalized(graph.adjacency)
+    normalized = row_normalized(edges_of(graph.adjacency))
     node_influence = influence(normalized, weights)
     token_influence = node_influence[error_end:error_end + n_tokens].sum()
     error_influence = node_influence[error_start:error_end].sum()
     replacement = token_influence / (token_influence + error_influence)
 
-    rows, columns = normalized.indices()
-    from_errors = (columns >= error_start) & (columns < error_end)
-    error_share = weights.new_zeros(weights.shape[0]).index_add_(0, rows[from_errors],
-                                                                 normalized.values()[from_errors])
+    from_errors = (normalized.columns >= error_start) & (normalized.columns < error_end)
+    error_share = weights.new_zeros(weights.shape[0]).index_add_(0, normalized.rows[from_errors],
+                                                                 normalized.values[from_errors])
     output_influence = node_influence + weights
     completeness = ((1 - error_share) * output_influence).sum() / output_influence.sum()
     return replacement.item(), completeness.item()
