@@ -237,28 +237,51 @@ def test_bad_arguments_name_themselves():
             attribution_graph(model, transcoders, TOKENS, edge_mass=share)
 
 
-def test_influence_is_the_power_series_of_the_normalized_adjacency():
+def test_influence_is_the_power_series_of_the_normalized_adjacency(monkeypatch):
     """circuit-tracer's compute_influence: w (A + A^2 + ...) = w ((I - A)^-1 - I)
-    for the row-normalised |A| of an acyclic graph."""
+    for the row-normalised |A| of an acyclic graph; in blocks of 7 edges (rows
+    split across blocks) as in one."""
     torch.manual_seed(0)
     n = 30
     dense = torch.randn(n, n, dtype=torch.float64) * (torch.rand(n, n) < 0.3)
     dense = dense.tril(-1)  # acyclic: every edge runs from a lower-numbered source to a higher target
-    edges = pruning.edges_of(dense.to_sparse_csr())
-    assert edges.columns.dtype == torch.int64 and edges.rows.dtype == torch.int64
-    normalized = pruning.row_normalized(edges)
+    adjacency = dense.to_sparse_csr()
     magnitudes = dense.abs()
     want_normalized = magnitudes / magnitudes.sum(1, keepdim=True).clamp(min=1e-10)
-    got_normalized = torch.zeros_like(dense).index_put_((normalized.rows.long(), normalized.columns.long()),
-                                                        normalized.values)
-    torch.testing.assert_close(got_normalized, want_normalized)
     weights = torch.zeros(n, dtype=torch.float64)
     weights[-3:] = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     want = weights @ (torch.linalg.inv(torch.eye(n, dtype=torch.float64) - want_normalized) - torch.eye(n))
-    torch.testing.assert_close(pruning.influence(normalized, weights), want)
+    torch.testing.assert_close(pruning.influence(adjacency, weights), want)
+    torch.testing.assert_close(pruning.row_sums(adjacency), magnitudes.sum(1))
+    monkeypatch.setattr(pruning, "_BLOCK_EDGES", 7)
+    torch.testing.assert_close(pruning.influence(adjacency, weights), want)
+    # Only the edges of a mask: the power series of that pruned matrix.
+    mask = torch.rand(adjacency.values().shape[0]) < 0.5
+    masked = torch.zeros_like(dense)
+    masked[dense != 0] = dense[dense != 0] * mask  # CSR and dense share the row-major order
+    masked_normalized = masked.abs() / masked.abs().sum(1, keepdim=True).clamp(min=1e-10)
+    want_masked = weights @ (torch.linalg.inv(torch.eye(n, dtype=torch.float64) - masked_normalized) - torch.eye(n))
+    torch.testing.assert_close(pruning.influence(adjacency, weights, mask), want_masked)
     with pytest.raises(RuntimeError, match="cycle"):
-        pruning.influence(pruning.row_normalized(pruning.edges_of(torch.ones(3, 3, dtype=torch.float64).to_sparse_csr())),
-                          torch.ones(3, dtype=torch.float64), max_iter=50)
+        pruning.influence(torch.ones(3, 3, dtype=torch.float64).to_sparse_csr(), torch.ones(3, dtype=torch.float64),
+                          max_iter=50)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_score_threshold_by_selection_is_the_sorted_running_sums(dtype, monkeypatch):
+    """circuit-tracer's find_threshold (sort descending, first running sum to reach
+    the share), here by a histogram and the sort of one bucket: the same score,
+    ties and zeros included."""
+    torch.manual_seed(0)
+    scores = (torch.rand(5000, dtype=dtype) ** 4) * (torch.rand(5000) < 0.7)
+    scores[:500] = scores[500:1000]  # ties
+    monkeypatch.setattr(pruning, "_BLOCK_EDGES", 999)
+    assert pruning.score_threshold(scores, 1.0) == 0.0  # everything kept
+    for share in (0.0, 0.1, 0.5, 0.8, 0.98, 0.999):
+        ordered = torch.sort(scores, descending=True).values
+        cumulative = ordered.cumsum(0, dtype=torch.float64)
+        index = min(int(torch.searchsorted(cumulative, share * scores.sum(dtype=torch.float64))), 4999)
+        assert pruning.score_threshold(scores, share) == ordered[index], share
 
 
 def test_a_layer_without_active_features():

@@ -138,6 +138,44 @@ def _check_transcoders(transcoders: TranscoderSet | Sequence[Transcoder], n_laye
     return layers
 
 
+def _mixed_by_pattern(pattern: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention's ``z`` ``[1, query, head, d_head]`` from a frozen (detached)
+    pattern ``[1, head, query, key]`` and the values ``[1, key, head, d_head]``,
+    one head at a time as ``(v^T P^T)^T``: the backward is then ``dz^T P`` with
+    the 2-D pattern on the right, which a batched vector-Jacobian product
+    folds into one matrix product over every row. TransformerLens'
+    ``pattern @ v`` instead copies the pattern once per row of the batch."""
+    if values.shape[2] != pattern.shape[1]:  # grouped-query attention: key/value heads shared
+        values = values.repeat_interleave(pattern.shape[1] // values.shape[2], dim=2)
+    heads = [(values[0, :, head].T @ pattern[0, head].T).T for head in range(pattern.shape[1])]
+    return torch.stack(heads, dim=1)[None]
+
+
+def _frozen_attention_hooks(model) -> list:
+    """Hooks freezing every attention pattern at its value on the prompt and
+    mixing the values by it with :func:`_mixed_by_pattern` (same ``z``)."""
+    patterns, values = {}, {}
+
+    def freeze_pattern(acts, hook):
+        patterns[hook.name] = acts.detach()
+        return patterns[hook.name]
+
+    def record_values(acts, hook):
+        values[hook.name] = acts
+        return acts
+
+    def mix(acts, hook):
+        prefix = hook.name.removesuffix("hook_z")
+        return _mixed_by_pattern(patterns.pop(prefix + "hook_pattern"), values.pop(prefix + "hook_v"))
+
+    hooks = []
+    for name in model.hook_dict:
+        if name.endswith("attn.hook_pattern"):
+            prefix = name.removesuffix("hook_pattern")
+            hooks += [(name, freeze_pattern), (prefix + "hook_v", record_values), (prefix + "hook_z", mix)]
+    return hooks
+
+
 def _frozen_forward(model, tokens: torch.Tensor, per_layer: list[Transcoder]):
     """One forward pass of the local replacement model's linear skeleton.
 
@@ -174,8 +212,8 @@ def _frozen_forward(model, tokens: torch.Tensor, per_layer: list[Transcoder]):
         leaves["unembedding_input"] = acts
         return acts
 
-    hooks = [(name, freeze) for name in model.hook_dict
-             if name.endswith(("attn.hook_pattern", "hook_scale"))]
+    hooks = [(name, freeze) for name in model.hook_dict if name.endswith("hook_scale")]
+    hooks += _frozen_attention_hooks(model)
     for layer in range(n_layers):
         hooks.append((_INPUT_SITE.format(layer=layer), lambda acts, hook, layer=layer: record_input(acts, hook, layer)))
         hooks.append((_OUTPUT_SITE.format(layer=layer), lambda acts, hook, layer=layer: cut_output(acts, hook, layer)))
@@ -318,49 +356,80 @@ def _kept_edges(block: torch.Tensor, edge_mass: float) -> torch.Tensor:
     return (magnitudes >= mass_thresholds(magnitudes, edge_mass)[:, None]) & (magnitudes > 0)
 
 
+# Edges per storage segment of the rows: 64 MiB a column or value array, so
+# each is its own mapping (glibc maps allocations past 32 MiB apart) and goes
+# back to the system when freed rather than fragmenting the heap.
+_SEGMENT_EDGES = 2**24
+
+
+@dataclass
+class _Chunk:
+    """The rows of one pass: their nodes and edge counts, and where their edges sit."""
+
+    nodes: torch.Tensor  # [rows]: node index before unselected features are dropped
+    counts: torch.Tensor  # [rows]
+    segment: int
+    start: int  # first edge within the segment
+
+
 class _RowStore:
-    """The rows computed so far, one compact sparse chunk per pass: the node of
-    each row (before unselected features are dropped), its edge count, and its
-    edges' columns (int32, ascending) and values. Rows arrive in the order
-    they are computed (circuit-tracer's: logits, then features by influence)."""
+    """The rows computed so far, in the order they were computed
+    (circuit-tracer's: logits, then features), their edges row-major in
+    preallocated segments: columns int32 (ascending within a row), values in
+    the model's dtype."""
 
     def __init__(self) -> None:
-        self.nodes: list[torch.Tensor] = []
-        self.counts: list[torch.Tensor] = []
-        self.columns: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.chunks: list[_Chunk] = []
+        self.segments: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.used = 0  # edges filled in the last segment
+        self.n_edges = 0
 
     def add(self, nodes: torch.Tensor, block: torch.Tensor, edge_mass: float) -> None:
         kept = _kept_edges(block, edge_mass)
-        members, columns = kept.nonzero(as_tuple=True)
-        self.nodes.append(nodes)
-        self.counts.append(kept.sum(1))
-        self.columns.append(columns.to(torch.int32))
-        self.values.append(block[members, columns])
+        counts = kept.sum(1)
+        n_edges = int(counts.sum())
+        if not self.segments or self.used + n_edges > self.segments[-1][0].shape[0]:
+            size = max(_SEGMENT_EDGES, n_edges)
+            self.segments.append((torch.empty(size, dtype=torch.int32, device=block.device),
+                                  block.new_empty(size)))
+            self.used = 0
+        columns, values = self.segments[-1]
+        # Boolean indexing walks row-major, as the rows are stored; no int64 index pairs.
+        sources = torch.arange(block.shape[1], dtype=torch.int32, device=block.device)
+        columns[self.used:self.used + n_edges] = sources.expand_as(block)[kept]
+        values[self.used:self.used + n_edges] = block[kept]
+        self.chunks.append(_Chunk(nodes, counts, len(self.segments) - 1, self.used))
+        self.used += n_edges
+        self.n_edges += n_edges
 
-    @property
-    def n_edges(self) -> int:
-        return sum(columns.shape[0] for columns in self.columns)
+    def edges(self, chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's columns and values (views)."""
+        columns, values = self.segments[chunk.segment]
+        end = chunk.start + int(chunk.counts.sum())
+        return columns[chunk.start:end], values[chunk.start:end]
 
     def partial_influence(self, logit_probabilities: torch.Tensor, n_nodes: int, max_iter: int = 128) -> torch.Tensor:
         """circuit-tracer's compute_partial_influences on the rows so far:
         ``p A + p A^2 + ...`` for the row-normalised |A| of the computed rows
         (row sums clamped at 1e-8), p the logit probabilities."""
-        normalized = []
-        for counts, values in zip(self.counts, self.values):
-            magnitudes = values.abs()
-            row_of_edge = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
-            sums = magnitudes.new_zeros(counts.shape[0]).index_add_(0, row_of_edge, magnitudes)
-            normalized.append((row_of_edge, magnitudes / sums.clamp(min=1e-8)[row_of_edge]))
+        row_sums = []
+        for chunk in self.chunks:
+            _, values = self.edges(chunk)
+            row_of_edge = torch.repeat_interleave(torch.arange(chunk.counts.shape[0], device=chunk.counts.device), chunk.counts)
+            row_sums.append(values.new_zeros(chunk.counts.shape[0]).index_add_(0, row_of_edge, values.abs()))
         current = logit_probabilities.new_zeros(n_nodes)
         current[n_nodes - logit_probabilities.shape[0]:] = logit_probabilities
         total = torch.zeros_like(current)
         for _ in range(max_iter):
             following = torch.zeros_like(current)
-            for nodes, columns, (row_of_edge, shares) in zip(self.nodes, self.columns, normalized):
-                weights = current[nodes]
-                if weights.any():
-                    following.index_add_(0, columns, weights[row_of_edge] * shares)
+            for chunk, sums in zip(self.chunks, row_sums):
+                weights = current[chunk.nodes]
+                if not weights.any():
+                    continue
+                columns, values = self.edges(chunk)
+                row_of_edge = torch.repeat_interleave(torch.arange(chunk.counts.shape[0], device=chunk.counts.device), chunk.counts)
+                shares = values.abs().div_(sums.clamp(min=1e-8)[row_of_edge])
+                following.index_add_(0, columns, shares.mul_(weights[row_of_edge]))
             current = following
             if not current.any():
                 return total
@@ -371,35 +440,45 @@ class _RowStore:
         """The rows as a sparse CSR matrix ``[n_rows, n_rows]`` with int32
         indices: node i's row at ``row_of_node[i]``, its edge to node j in
         column ``column_of_node[j]``, edges to nodes mapped to -1 (features
-        without a row) left out. Chunks are freed as they are placed, so the
+        without a row) left out. Each segment is freed once placed, so the
         matrix and the store are not both held whole."""
-        device = column_of_node.device
-        kept_counts = torch.zeros(n_rows, dtype=torch.int64, device=device)
-        for nodes, counts, columns in zip(self.nodes, self.counts, self.columns):
-            row_of_edge = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts)
-            kept = column_of_node[columns] >= 0
-            kept_counts[row_of_node[nodes]] = torch.zeros_like(counts).index_add_(0, row_of_edge, kept.long())
+        drops_columns = bool((column_of_node < 0).any())
+        kept_counts = torch.zeros(n_rows, dtype=torch.int64)
+        for chunk in self.chunks:
+            if drops_columns:
+                columns, _ = self.edges(chunk)
+                row_of_edge = torch.repeat_interleave(torch.arange(chunk.counts.shape[0], device=chunk.counts.device), chunk.counts)
+                kept_counts[row_of_node[chunk.nodes]] = torch.zeros_like(chunk.counts).index_add_(
+                    0, row_of_edge, (column_of_node[columns] >= 0).long())
+            else:
+                kept_counts[row_of_node[chunk.nodes]] = chunk.counts
         row_starts = torch.cat([kept_counts.new_zeros(1), kept_counts.cumsum(0)])
         n_edges = int(row_starts[-1])
         if n_edges >= 2**31:
             raise ValueError(f"{n_edges:,} edges: past the int32 indices of the adjacency; lower max_feature_nodes "
                              "or edge_mass")
-        out_columns = torch.empty(n_edges, dtype=torch.int32, device=device)
-        out_values = torch.empty(n_edges, dtype=self.values[0].dtype if self.values else torch.float32,
-                                 device=device)
-        while self.nodes:
-            nodes, counts, columns, values = self.nodes.pop(0), self.counts.pop(0), self.columns.pop(0), \
-                self.values.pop(0)
-            mapped = column_of_node[columns]
-            kept = mapped >= 0
-            row_of_edge = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts)
-            # Kept edges before each edge and before each row's first: an edge's rank in its
-            # row (the mapped columns stay ascending, as the columns are).
-            kept_before = torch.cat([kept.new_zeros(1, dtype=torch.int64), torch.cumsum(kept, 0)])
-            rank = kept_before[:-1] - kept_before[torch.cumsum(counts, 0) - counts][row_of_edge]
-            destination = (row_starts[row_of_node[nodes]][row_of_edge] + rank)[kept]
-            out_columns[destination] = mapped[kept]
-            out_values[destination] = values[kept]
+        out_columns = torch.empty(n_edges, dtype=torch.int32)
+        out_values = torch.empty(n_edges, dtype=self.segments[0][1].dtype if self.segments else torch.float32)
+        for index, chunk in enumerate(self.chunks):
+            columns, values = self.edges(chunk)
+            rows = row_of_node[chunk.nodes]
+            start = int(row_starts[rows[0]]) if rows.shape[0] else 0
+            if not drops_columns and bool((rows.diff() == 1).all()):
+                # Consecutive rows, every edge kept: one copy.
+                out_columns[start:start + columns.shape[0]] = columns
+                out_values[start:start + columns.shape[0]] = values
+            else:
+                mapped = column_of_node[columns]
+                kept = mapped >= 0
+                row_of_edge = torch.repeat_interleave(torch.arange(chunk.counts.shape[0], device=chunk.counts.device), chunk.counts)
+                # An edge's rank among its row's kept edges (mapped columns stay ascending, as the columns are).
+                kept_before = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(kept, 0)])
+                rank = kept_before[:-1] - kept_before[torch.cumsum(chunk.counts, 0) - chunk.counts][row_of_edge]
+                destination = (row_starts[rows][row_of_edge] + rank)[kept]
+                out_columns[destination] = mapped[kept]
+                out_values[destination] = values[kept]
+            if index + 1 == len(self.chunks) or self.chunks[index + 1].segment != chunk.segment:
+                self.segments[chunk.segment] = None
         with warnings.catch_warnings():  # "CSR support is in beta": the layout is used for storage only
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             return torch.sparse_csr_tensor(row_starts.to(torch.int32), out_columns, out_values, (n_rows, n_rows),
@@ -539,7 +618,7 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
         progress.close()
 
     # Logit rows' nodes come after every feature's, so the first n_selected are the features.
-    selected_features = torch.cat(store.nodes).sort().values[:n_selected].cpu()
+    selected_features = torch.cat([chunk.nodes for chunk in store.chunks]).sort().values[:n_selected].cpu()
     adjacency = store.to_csr(*_node_maps(selected_features, n_features, logit_offset, n_logits),
                              n_selected + (n_layers + 1) * n_pos + n_logits)
     active_features = torch.cat([torch.stack([torch.full_like(code.positions, layer), code.positions, code.latents], 1)
