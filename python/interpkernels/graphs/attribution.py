@@ -364,30 +364,43 @@ _SEGMENT_EDGES = 2**24
 
 @dataclass
 class _Chunk:
-    """The rows of one pass: their nodes and edge counts, and where their edges sit."""
+    """The rows of one pass: which rows of the store, and where their edges sit."""
 
-    nodes: torch.Tensor  # [rows]: node index before unselected features are dropped
-    counts: torch.Tensor  # [rows]
+    rows: slice
     segment: int
     start: int  # first edge within the segment
+    n_edges: int
 
 
 class _RowStore:
     """The rows computed so far, in the order they were computed
     (circuit-tracer's: logits, then features), their edges row-major in
     preallocated segments: columns int32 (ascending within a row), values in
-    the model's dtype."""
+    the model's dtype. Every row's node and edge count sit in arrays
+    allocated once, so nothing small and long-lived is allocated between a
+    pass's temporaries (which would pin them in the heap)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_rows: int) -> None:
+        self.row_nodes = torch.empty(n_rows, dtype=torch.int64)  # node index before unselected features are dropped
+        self.row_counts = torch.empty(n_rows, dtype=torch.int64)
+        self.n_rows = 0
         self.chunks: list[_Chunk] = []
         self.segments: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.used = 0  # edges filled in the last segment
         self.n_edges = 0
 
+    def nodes(self, chunk: _Chunk) -> torch.Tensor:
+        return self.row_nodes[chunk.rows]
+
+    def counts(self, chunk: _Chunk) -> torch.Tensor:
+        return self.row_counts[chunk.rows]
+
     def add(self, nodes: torch.Tensor, block: torch.Tensor, edge_mass: float) -> None:
         kept = _kept_edges(block, edge_mass)
-        counts = kept.sum(1)
-        n_edges = int(counts.sum())
+        rows = slice(self.n_rows, self.n_rows + nodes.shape[0])
+        self.row_nodes[rows] = nodes
+        torch.sum(kept, 1, out=self.row_counts[rows])
+        n_edges = int(self.row_counts[rows].sum())
         if not self.segments or self.used + n_edges > self.segments[-1][0].shape[0]:
             size = max(_SEGMENT_EDGES, n_edges)
             self.segments.append((torch.empty(size, dtype=torch.int32, device=block.device),
@@ -398,14 +411,15 @@ class _RowStore:
         sources = torch.arange(block.shape[1], dtype=torch.int32, device=block.device)
         columns[self.used:self.used + n_edges] = sources.expand_as(block)[kept]
         values[self.used:self.used + n_edges] = block[kept]
-        self.chunks.append(_Chunk(nodes, counts, len(self.segments) - 1, self.used))
+        self.chunks.append(_Chunk(rows, len(self.segments) - 1, self.used, n_edges))
+        self.n_rows = rows.stop
         self.used += n_edges
         self.n_edges += n_edges
 
     def edges(self, chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk's columns and values (views)."""
         columns, values = self.segments[chunk.segment]
-        end = chunk.start + int(chunk.counts.sum())
+        end = chunk.start + chunk.n_edges
         return columns[chunk.start:end], values[chunk.start:end]
 
     def partial_influence(self, logit_probabilities: torch.Tensor, n_nodes: int, max_iter: int = 128) -> torch.Tensor:
@@ -415,19 +429,20 @@ class _RowStore:
         row_sums = []
         for chunk in self.chunks:
             _, values = self.edges(chunk)
-            row_of_edge = torch.repeat_interleave(torch.arange(chunk.counts.shape[0], device=chunk.counts.device), chunk.counts)
-            row_sums.append(values.new_zeros(chunk.counts.shape[0]).index_add_(0, row_of_edge, values.abs()))
+            row_of_edge = torch.repeat_interleave(torch.arange(chunk.rows.stop - chunk.rows.start), self.counts(chunk))
+            row_sums.append(values.new_zeros(chunk.rows.stop - chunk.rows.start).index_add_(0, row_of_edge,
+                                                                                           values.abs()))
         current = logit_probabilities.new_zeros(n_nodes)
         current[n_nodes - logit_probabilities.shape[0]:] = logit_probabilities
         total = torch.zeros_like(current)
         for _ in range(max_iter):
             following = torch.zeros_like(current)
             for chunk, sums in zip(self.chunks, row_sums):
-                weights = current[chunk.nodes]
+                weights = current[self.nodes(chunk)]
                 if not weights.any():
                     continue
                 columns, values = self.edges(chunk)
-                row_of_edge = torch.repeat_interleave(torch.arange(chunk.counts.shape[0], device=chunk.counts.device), chunk.counts)
+                row_of_edge = torch.repeat_interleave(torch.arange(chunk.rows.stop - chunk.rows.start), self.counts(chunk))
                 shares = values.abs().div_(sums.clamp(min=1e-8)[row_of_edge])
                 following.index_add_(0, columns, shares.mul_(weights[row_of_edge]))
             current = following
@@ -447,11 +462,11 @@ class _RowStore:
         for chunk in self.chunks:
             if drops_columns:
                 columns, _ = self.edges(chunk)
-                row_of_edge = torch.repeat_interleave(torch.arange(chunk.counts.shape[0], device=chunk.counts.device), chunk.counts)
-                kept_counts[row_of_node[chunk.nodes]] = torch.zeros_like(chunk.counts).index_add_(
+                row_of_edge = torch.repeat_interleave(torch.arange(chunk.rows.stop - chunk.rows.start), self.counts(chunk))
+                kept_counts[row_of_node[self.nodes(chunk)]] = torch.zeros_like(self.counts(chunk)).index_add_(
                     0, row_of_edge, (column_of_node[columns] >= 0).long())
             else:
-                kept_counts[row_of_node[chunk.nodes]] = chunk.counts
+                kept_counts[row_of_node[self.nodes(chunk)]] = self.counts(chunk)
         row_starts = torch.cat([kept_counts.new_zeros(1), kept_counts.cumsum(0)])
         n_edges = int(row_starts[-1])
         if n_edges >= 2**31:
@@ -461,7 +476,7 @@ class _RowStore:
         out_values = torch.empty(n_edges, dtype=self.segments[0][1].dtype if self.segments else torch.float32)
         for index, chunk in enumerate(self.chunks):
             columns, values = self.edges(chunk)
-            rows = row_of_node[chunk.nodes]
+            rows = row_of_node[self.nodes(chunk)]
             start = int(row_starts[rows[0]]) if rows.shape[0] else 0
             if not drops_columns and bool((rows.diff() == 1).all()):
                 # Consecutive rows, every edge kept: one copy.
@@ -470,10 +485,11 @@ class _RowStore:
             else:
                 mapped = column_of_node[columns]
                 kept = mapped >= 0
-                row_of_edge = torch.repeat_interleave(torch.arange(chunk.counts.shape[0], device=chunk.counts.device), chunk.counts)
+                row_of_edge = torch.repeat_interleave(torch.arange(chunk.rows.stop - chunk.rows.start), self.counts(chunk))
                 # An edge's rank among its row's kept edges (mapped columns stay ascending, as the columns are).
                 kept_before = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(kept, 0)])
-                rank = kept_before[:-1] - kept_before[torch.cumsum(chunk.counts, 0) - chunk.counts][row_of_edge]
+                counts = self.counts(chunk)
+                rank = kept_before[:-1] - kept_before[torch.cumsum(counts, 0) - counts][row_of_edge]
                 destination = (row_starts[rows][row_of_edge] + rank)[kept]
                 out_columns[destination] = mapped[kept]
                 out_values[destination] = values[kept]
@@ -578,7 +594,7 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
     leaves = [*mlp_outputs, embedding]
     token_vectors = embedding[0].detach()
     pass_rows = _rows_per_pass(logit_offset, n_pos, model.cfg.d_model, n_layers + 1, final_logits.element_size())
-    store = _RowStore()
+    store = _RowStore(n_logits + n_selected)
 
     def compute_rows(batch: torch.Tensor) -> None:
         """The rows of targets `batch`, one pass per site and at most pass_rows rows, into the store."""
@@ -618,7 +634,7 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
         progress.close()
 
     # Logit rows' nodes come after every feature's, so the first n_selected are the features.
-    selected_features = torch.cat([chunk.nodes for chunk in store.chunks]).sort().values[:n_selected].cpu()
+    selected_features = store.row_nodes.sort().values[:n_selected].cpu()
     adjacency = store.to_csr(*_node_maps(selected_features, n_features, logit_offset, n_logits),
                              n_selected + (n_layers + 1) * n_pos + n_logits)
     active_features = torch.cat([torch.stack([torch.full_like(code.positions, layer), code.positions, code.latents], 1)

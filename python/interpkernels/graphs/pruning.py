@@ -30,14 +30,17 @@ class PrunedGraph(NamedTuple):
 
 
 def edge_blocks(adjacency: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The edges of a sparse CSR adjacency, row-major, in blocks of
-    _BLOCK_EDGES: (the block's range of edges, target rows, source columns,
-    values), views but for the rows."""
+    """The edges of a sparse CSR adjacency, row-major, in blocks of whole rows
+    holding about _BLOCK_EDGES edges (a longer row alone): (the block's range
+    of edges, target rows, source columns, values), views but for the rows."""
     crow, columns, values = adjacency.crow_indices(), adjacency.col_indices(), adjacency.values()
-    for start in range(0, values.shape[0], _BLOCK_EDGES):
-        block = slice(start, min(start + _BLOCK_EDGES, values.shape[0]))
-        positions = torch.arange(block.start, block.stop, dtype=crow.dtype, device=crow.device)
-        rows = torch.searchsorted(crow, positions, right=True) - 1
+    n_rows = crow.shape[0] - 1
+    # Rows at which each block starts: one wherever the edge count passes a multiple of _BLOCK_EDGES.
+    marks = torch.arange(0, values.shape[0], _BLOCK_EDGES, dtype=crow.dtype, device=crow.device)
+    starts = torch.unique(torch.searchsorted(crow[1:], marks, right=True)).tolist() + [n_rows]
+    for first, end in zip(starts[:-1], starts[1:]):
+        block = slice(int(crow[first]), int(crow[end]))
+        rows = torch.repeat_interleave(torch.arange(first, end, device=crow.device), crow[first + 1:end + 1] - crow[first:end])
         yield block, rows, columns[block], values[block]
 
 
