@@ -34,7 +34,7 @@ OPTIONS = dict(max_n_logits=5, desired_logit_prob=0.8, batch_size=16)
 # circuit-tracer's defaults, and an edge threshold at which dropping nodes left
 # without incoming or outgoing edges removes some (checked: 67 -> 50 nodes).
 PRUNINGS = [dict(node_threshold=0.8, edge_threshold=0.98), dict(node_threshold=0.8, edge_threshold=0.7)]
-# max_feature_nodes: rows for 60 of the ~110 features, chosen over 4 re-rankings
+# max_feature_nodes: rows for 60 of the ~320 features, chosen over 4 re-rankings
 # (circuit-tracer re-ranks every update_interval * batch_size = 16 rows).
 PARTIAL = dict(OPTIONS, batch_size=8, update_interval=2, max_feature_nodes=60)
 

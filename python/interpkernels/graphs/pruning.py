@@ -14,7 +14,7 @@ scores and a sort of the one bucket it falls in rather than a sort of all
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -86,42 +86,55 @@ def score_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """The score above which the largest scores hold `threshold` of their sum
     (circuit-tracer's find_threshold: the scores sorted descending, the first
     whose running sum reaches `threshold` of the total; the smallest if none,
-    and at a threshold of 1).
+    and at a threshold of 1). :func:`blockwise_score_threshold` on `scores`."""
+    flat = scores.flatten()
+    return blockwise_score_threshold(lambda: flat.split(_BLOCK_EDGES), threshold)
+
+
+def blockwise_score_threshold(blocks: Callable[[], Iterable[torch.Tensor]], threshold: float) -> torch.Tensor:
+    """:func:`score_threshold` of the non-negative scores that ``blocks()``
+    yields block by block (called twice, so the scores need not be held).
 
     By selection: a histogram of the scores' leading 16 bits (non-negative
     floats order as their bit patterns) weighted by the scores finds the bucket
     where the running sum crosses, and only that bucket is sorted. Sums in
     float64."""
-    if scores.numel() == 0:
-        raise ValueError("scores: empty")
-    bits = {torch.float32: (torch.int32, 15), torch.float64: (torch.int64, 47)}
-    if scores.dtype not in bits:
-        scores = scores.float()
-    integer, shift = bits[scores.dtype]
-    if threshold >= 1.0:  # every score: where rounding stops the running sum is moot
-        return scores.min()
-    total = scores.sum(dtype=torch.float64)
-    wanted = threshold * total
-    flat = scores.flatten()
-    bucket_mass = torch.zeros(2**16, dtype=torch.float64, device=scores.device)
-    bucket_count = torch.zeros(2**16, dtype=torch.int64, device=scores.device)
-    for start in range(0, flat.shape[0], _BLOCK_EDGES):
-        block = flat[start:start + _BLOCK_EDGES]
-        buckets = ((block.view(integer) >> shift) & 0xFFFF).long()
+    def bucketed():
+        """(block, each score's bucket); half-precision scores as float32."""
+        for block in blocks():
+            block = block if block.dtype in _BUCKET_BITS else block.float()
+            integer, shift = _BUCKET_BITS[block.dtype]
+            yield block, (block.view(integer) >> shift) & 0xFFFF
+
+    bucket_mass = torch.zeros(2**16, dtype=torch.float64)
+    bucket_count = torch.zeros(2**16, dtype=torch.int64)
+    smallest = None
+    for block, buckets in bucketed():
+        buckets = buckets.long()
         bucket_mass.index_add_(0, buckets, block.double())
         bucket_count += torch.bincount(buckets, minlength=2**16)
+        if block.numel():
+            smallest = block.min() if smallest is None else torch.minimum(smallest, block.min())
+    if smallest is None:
+        raise ValueError("scores: empty")
+    if threshold >= 1.0:  # every score: where rounding stops the running sum is moot
+        return smallest
+    wanted = threshold * float(bucket_mass.sum())
     # Running sum from the largest bucket down: the crossing is the highest
     # non-empty bucket where it reaches `wanted` (the lowest non-empty if none).
     from_top = bucket_mass.flip(0).cumsum(0).flip(0)
     reaching = (from_top >= wanted) & (bucket_count > 0)
     crossing = int(reaching.nonzero().max()) if bool(reaching.any()) else int((bucket_count > 0).nonzero().min())
     above = float(from_top[crossing + 1]) if crossing + 1 < from_top.shape[0] else 0.0
-    candidates = torch.cat([block[((block.view(integer) >> shift) & 0xFFFF) == crossing]
-                            for block in flat.split(_BLOCK_EDGES)])
+    candidates = torch.cat([block[buckets == crossing] for block, buckets in bucketed()])
     ordered = torch.sort(candidates, descending=True).values
     index = int(torch.searchsorted(above + ordered.cumsum(0, dtype=torch.float64), wanted))
     # Not reached within the bucket (rounding): every score, as the sort's last.
-    return ordered[index] if index < ordered.shape[0] else flat.min()
+    return ordered[index] if index < ordered.shape[0] else smallest
+
+
+# Integer view and shift that leave a non-negative float's leading 16 bits.
+_BUCKET_BITS = {torch.float32: (torch.int32, 15), torch.float64: (torch.int64, 47)}
 
 
 def logit_weights(graph) -> torch.Tensor:
@@ -161,11 +174,15 @@ def prune(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> P
         edge_mask[block] = node_mask[rows] & node_mask[columns]
     pruned_sums = row_sums(adjacency, edge_mask).clamp_(min=1e-10)
     target_influence = influence(adjacency, weights, edge_mask) + weights
-    edge_scores = torch.empty_like(adjacency.values())
-    for block, rows, _, values in edge_blocks(adjacency):
-        edge_scores[block] = values.abs().div_(pruned_sums[rows]).mul_(target_influence[rows]).mul_(edge_mask[block])
-    edge_mask &= edge_scores >= score_threshold(edge_scores, edge_threshold)
-    del edge_scores
+
+    def edge_scores():
+        """Each edge's score, block by block (computed twice rather than held)."""
+        for block, rows, _, values in edge_blocks(adjacency):
+            yield values.abs().div_(pruned_sums[rows]).mul_(target_influence[rows]).mul_(edge_mask[block])
+
+    edge_threshold_score = blockwise_score_threshold(edge_scores, edge_threshold)
+    for (block, _, _, _), scores in zip(edge_blocks(adjacency), edge_scores()):
+        edge_mask[block] &= scores >= edge_threshold_score
 
     sources_end = n_nodes - n_logits - n_tokens  # features and errors: need an outgoing edge
     previous = None
