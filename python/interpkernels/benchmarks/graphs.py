@@ -1,11 +1,14 @@
 """Attribution graphs against prompt length: interpkernels.graphs and circuit-tracer 0.5.0.
 
-    python -m interpkernels.benchmarks.graphs --tokens 32 64 128 256 --circuit-tracer-max-tokens 128
+    python -m interpkernels.benchmarks.graphs --tokens 32 64 128
+    python -m interpkernels.benchmarks.graphs --tokens 1024 --max-feature-nodes 8192 --memory-limit-gib 20
 
 Issue 17's setup by default: a GPT-2-style model (4 layers, d=128), random
 per-layer JumpReLU transcoders with 2048 latents whose thresholds let about 32
 latents per token per layer fire, batch 64, attribute then prune at
-(0.8, 0.98). One random model and one random prompt (the first n tokens of
+(0.8, 0.98); --max-feature-nodes limits the rows (both tools, circuit-tracer's
+influence-ordered choice), --edge-mass prunes our rows as they are computed
+(ours only). One random model and one random prompt (the first n tokens of
 it for each length) serve both tools. Every measurement runs in a fresh
 subprocess, one thread, so its peak RSS (``ru_maxrss``, which includes the
 interpreter, torch and the model) is that graph's alone; circuit-tracer runs
