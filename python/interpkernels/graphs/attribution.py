@@ -12,17 +12,20 @@ gradient of the target's pre-activation (encoder row) or de-meaned logit
 gradient taken through the frozen model only (no path through another
 transcoder: direct effects).
 
-Node order, as circuit-tracer's ``attribute()`` and ``Graph``: active
-features sorted by (layer, position, latent), one error node per (layer,
-position) at ``n_features + layer * n_pos + pos``, one token node per
-position, then the logits. Features and errors at position 0 (BOS) are zeroed.
+Node order, as circuit-tracer's ``attribute()`` and ``Graph``: the selected
+features (those whose rows were computed; all unless ``max_feature_nodes``)
+sorted by (layer, position, latent), one error node per (layer, position) at
+``n_features + layer * n_pos + pos``, one token node per position, then the
+logits. Features and errors at position 0 (BOS) are zeroed.
 
 Computed here with one forward pass and batched vector-Jacobian products
 (``is_grads_batched``) through it, not ``batch_size`` copies of the forward
-pass; feature edges by ``gathered_dot`` over each position's own features;
-every batch of rows is reduced to sparse (row, column, value) triples before
-the next, so the only dense edge block is one batch's ``[batch, sources]``,
-never ``[all rows, nodes]`` or ``[nodes, nodes]``.
+pass; feature edges by ``gathered_dot`` over each position's own features.
+Rows are scheduled as circuit-tracer schedules them (:func:`_feature_schedule`),
+each pass's dense ``[rows, sources]`` block is cut at once to its kept edges
+(:func:`_kept_edges`, ``edge_mass``) and stored compactly (:class:`_RowStore`),
+then written into an int32 CSR adjacency: never ``[all rows, nodes]`` or
+``[nodes, nodes]``.
 """
 
 from __future__ import annotations
