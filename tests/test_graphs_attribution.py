@@ -16,7 +16,8 @@ import torch
 from circuit_tracer_env import run_circuit_tracer
 from safetensors.torch import load_file, save_file
 
-from interpkernels.graphs import TranscoderSet, attribution, attribution_graph, load_transcoders, pruning, save_transcoders
+from interpkernels.graphs import (TranscoderSet, attribution, attribution_graph, load_transcoders, pruning,
+                                  save_transcoders)
 from interpkernels.nn import JumpReLUTranscoder
 
 transformer_lens = pytest.importorskip("transformer_lens")

@@ -177,9 +177,9 @@ def run_one(tool: str, folder: Path, circuit_tracer_python: Path, time_limit_s: 
 
 
 def run(tokens: list[int], tools: list[str], *, layers: int, d_model: int, latents: int, active: int,
-        batch_size: int, threads: int, max_feature_nodes: int | None, edge_mass: float, circuit_tracer_python: Path, circuit_tracer_max_tokens: int | None,
-        time_limit_s: float, memory_limit_gib: float | None, log=lambda rows: print(format_row(rows[-1]))
-        ) -> list[dict]:
+        batch_size: int, threads: int, max_feature_nodes: int | None, edge_mass: float,
+        circuit_tracer_python: Path, circuit_tracer_max_tokens: int | None, time_limit_s: float,
+        memory_limit_gib: float | None, log=lambda rows: print(format_row(rows[-1]))) -> list[dict]:
     """One row per (tokens, tool), lengths in order and the tools interleaved at each;
     log(rows so far) after each."""
     shape = dict(layers=layers, d_model=d_model, latents=latents, active_per_token=active, batch_size=batch_size,

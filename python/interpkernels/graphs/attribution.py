@@ -398,6 +398,11 @@ class _RowStore:
     def counts(self, chunk: _Chunk) -> torch.Tensor:
         return self.row_counts[chunk.rows]
 
+    def row_of_edge(self, chunk: _Chunk) -> torch.Tensor:
+        """Each of the chunk's edges' row within the chunk."""
+        counts = self.counts(chunk)
+        return torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+
     def add(self, nodes: torch.Tensor, block: torch.Tensor, edge_mass: float) -> None:
         kept = _kept_edges(block, edge_mass)
         rows = slice(self.n_rows, self.n_rows + nodes.shape[0])
@@ -432,7 +437,7 @@ class _RowStore:
         row_sums = []
         for chunk in self.chunks:
             _, values = self.edges(chunk)
-            row_of_edge = torch.repeat_interleave(torch.arange(chunk.rows.stop - chunk.rows.start), self.counts(chunk))
+            row_of_edge = self.row_of_edge(chunk)
             row_sums.append(values.new_zeros(chunk.rows.stop - chunk.rows.start).index_add_(0, row_of_edge,
                                                                                            values.abs()))
         current = logit_probabilities.new_zeros(n_nodes)
@@ -445,7 +450,7 @@ class _RowStore:
                 if not weights.any():
                     continue
                 columns, values = self.edges(chunk)
-                row_of_edge = torch.repeat_interleave(torch.arange(chunk.rows.stop - chunk.rows.start), self.counts(chunk))
+                row_of_edge = self.row_of_edge(chunk)
                 shares = values.abs().div_(sums.clamp(min=1e-8)[row_of_edge])
                 following.index_add_(0, columns, shares.mul_(weights[row_of_edge]))
             current = following
@@ -465,7 +470,7 @@ class _RowStore:
         for chunk in self.chunks:
             if drops_columns:
                 columns, _ = self.edges(chunk)
-                row_of_edge = torch.repeat_interleave(torch.arange(chunk.rows.stop - chunk.rows.start), self.counts(chunk))
+                row_of_edge = self.row_of_edge(chunk)
                 kept_counts[row_of_node[self.nodes(chunk)]] = torch.zeros_like(self.counts(chunk)).index_add_(
                     0, row_of_edge, (column_of_node[columns] >= 0).long())
             else:
@@ -488,7 +493,7 @@ class _RowStore:
             else:
                 mapped = column_of_node[columns]
                 kept = mapped >= 0
-                row_of_edge = torch.repeat_interleave(torch.arange(chunk.rows.stop - chunk.rows.start), self.counts(chunk))
+                row_of_edge = self.row_of_edge(chunk)
                 # An edge's rank among its row's kept edges (mapped columns stay ascending, as the columns are).
                 kept_before = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(kept, 0)])
                 counts = self.counts(chunk)

@@ -40,7 +40,8 @@ def edge_blocks(adjacency: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, 
     starts = torch.unique(torch.searchsorted(crow[1:], marks, right=True)).tolist() + [n_rows]
     for first, end in zip(starts[:-1], starts[1:]):
         block = slice(int(crow[first]), int(crow[end]))
-        rows = torch.repeat_interleave(torch.arange(first, end, device=crow.device), crow[first + 1:end + 1] - crow[first:end])
+        rows = torch.repeat_interleave(torch.arange(first, end, device=crow.device),
+                                       crow[first + 1:end + 1] - crow[first:end])
         yield block, rows, columns[block], values[block]
 
 
