@@ -117,40 +117,53 @@ def run(*, sentences: int | None = None, num_latents: int = 1024, k: int = 16, s
             log(f"  fvu {fvu[name]:.3f}")
             saes[name] = sae
 
-        clean = dict(tokenizer(list(CLEAN), padding=True, return_tensors="pt"))
-        patched = dict(tokenizer(list(PATCHED), padding=True, return_tensors="pt"))
-        if clean["input_ids"].shape != patched["input_ids"].shape:
-            raise ValueError("the swapped word must keep the token count")
-        swapped = tuple(int(i) for i in (clean["input_ids"] != patched["input_ids"]).nonzero()[0])
-        # A swapped word is a large step: integrated gradients, whose scores at a
-        # residual-stream site add up to the metric's change (completeness).
-        result = attribute(model, saes, clean, patched, cosine_metric(clean["attention_mask"]), method="ig",
-                           steps=ig_steps)
-        top, error, latent_total = {}, {}, {}
-        for name in SITES:
-            scores = result.nodes[name].latents.to_dense()  # [2, T, M]
-            error[name] = float(result.nodes[name].error.sum())
-            latent_total[name] = float(scores.sum())
-            top[name] = []
-            for latent, score in result.top_latents(name, 8):
-                where = scores[..., latent].abs().flatten().argmax()
-                position = (int(where // scores.shape[1]), int(where % scores.shape[1]))
-                top[name].append(TopLatent(latent, score, position,
-                                           top_tokens(saes[name], harvested[name], tokens, tokenizer, latent)))
-    outcome = Outcome(result.metric_clean, result.metric_patched, swapped, fvu, top, error, latent_total)
-    words = tokenizer.convert_ids_to_tokens(clean["input_ids"][0])
+        outcome = attribute_swap(model, tokenizer, saes, fvu, ig_steps,
+                                 lambda name, latent: top_tokens(saes[name], harvested[name], tokens, tokenizer,
+                                                                 latent))
+    report(outcome, tokenizer, log)
+    log(f"({time.perf_counter() - started:.0f} s)")
+    return outcome
+
+
+def attribute_swap(model, tokenizer, saes: dict, fvu: dict[str, float], ig_steps: int, fires_most_on) -> Outcome:
+    """Integrated gradients of cos(embed(a), embed(b)) from CLEAN to PATCHED at every SAE's site;
+    ``fires_most_on(site, latent)`` labels each top latent with the corpus text that fires it."""
+    clean = dict(tokenizer(list(CLEAN), padding=True, return_tensors="pt"))
+    patched = dict(tokenizer(list(PATCHED), padding=True, return_tensors="pt"))
+    if clean["input_ids"].shape != patched["input_ids"].shape:
+        raise ValueError("the swapped word must keep the token count")
+    swapped = tuple(int(i) for i in (clean["input_ids"] != patched["input_ids"]).nonzero()[0])
+    # A swapped word is a large step: integrated gradients, whose scores at a
+    # residual-stream site add up to the metric's change (completeness).
+    result = attribute(model, saes, clean, patched, cosine_metric(clean["attention_mask"]), method="ig",
+                       steps=ig_steps)
+    top, error, latent_total = {}, {}, {}
+    for name in saes:
+        scores = result.nodes[name].latents.to_dense()  # [2, T, M]
+        error[name] = float(result.nodes[name].error.sum())
+        latent_total[name] = float(scores.sum())
+        top[name] = []
+        for latent, score in result.top_latents(name, 8):
+            where = scores[..., latent].abs().flatten().argmax()
+            position = (int(where // scores.shape[1]), int(where % scores.shape[1]))
+            top[name].append(TopLatent(latent, score, position, fires_most_on(name, latent)))
+    return Outcome(result.metric_clean, result.metric_patched, swapped, fvu, top, error, latent_total)
+
+
+def report(outcome: Outcome, tokenizer, log=print) -> None:
+    clean = tokenizer(list(CLEAN), padding=True)["input_ids"]
+    words = tokenizer.convert_ids_to_tokens(clean[0])
+    swapped = outcome.swapped
     log(f"cos(a, b): clean {outcome.metric_clean:.4f}, patched {outcome.metric_patched:.4f} "
         f"(change {outcome.metric_patched - outcome.metric_clean:+.4f}); swapped token "
         f"{words[swapped[1]]!r} at position {swapped[1]} of sentence a")
-    for name in SITES:
+    for name in outcome.top:
         log(f"{name}: latents sum to {outcome.latent_total[name]:+.4f}, error node {outcome.error[name]:+.4f}, "
             f"together {outcome.latent_total[name] + outcome.error[name]:+.4f}")
-        for entry in top[name]:
-            context = tokenizer.convert_ids_to_tokens(clean["input_ids"][entry.position[0]])[entry.position[1]]
+        for entry in outcome.top[name]:
+            context = tokenizer.convert_ids_to_tokens(clean[entry.position[0]])[entry.position[1]]
             log(f"  latent {entry.latent:4d}  {entry.score:+.4f}  strongest at {context!r} (sentence "
                 f"{'ab'[entry.position[0]]})  fires most on {entry.tokens}")
-    log(f"({time.perf_counter() - started:.0f} s)")
-    return outcome
 
 
 def plot(outcome: Outcome, path: str) -> None:
@@ -159,8 +172,8 @@ def plot(outcome: Outcome, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SITES), figsize=(12, 4))
-    for ax, name in zip(axes, SITES):
+    fig, axes = plt.subplots(1, len(outcome.top), figsize=(12, 4))
+    for ax, name in zip(axes, outcome.top):
         entries = outcome.top[name][::-1]
         ax.barh(range(len(entries)), [e.score for e in entries],
                 color=["tab:red" if e.score < 0 else "tab:blue" for e in entries])

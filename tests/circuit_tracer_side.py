@@ -4,12 +4,15 @@ imports circuit_tracer, torch, safetensors and yaml only, never interpkernels:
 whatever it writes comes from circuit-tracer's code alone.
 
     python circuit_tracer_side.py read FOLDER INPUTS OUT DTYPE
-        FOLDER opened by load_transcoder_from_hub; OUT gets every layer's
-        parameters, and its activations and forward output on INPUTS' x{i}.
-    python circuit_tracer_side.py write FOLDER INPUTS OUT DTYPE SEED
-        Random per-layer transcoders built with circuit-tracer's classes (layer 0
-        JumpReLU with a skip, layer 1 JumpReLU, layer 2 ReLU) saved to FOLDER as
-        its cache does (to_safetensors, then config.yaml); OUT as for read.
+        FOLDER opened by circuit-tracer (open_folder); OUT gets every layer's
+        parameters, and its activations and forward output on INPUTS' x{i}
+        (a cross-layer transcoder: its parameters, "activations" [L, N, M] and
+        "reconstruction" [L, N, d] on the x{i} stacked).
+    python circuit_tracer_side.py write FOLDER INPUTS OUT DTYPE SEED [KIND]
+        Random transcoders built with circuit-tracer's classes, saved to FOLDER
+        as its cache does (to_safetensors, then config.yaml); OUT as for read.
+        KIND "set" (default): per-layer, layer 0 JumpReLU with a skip, layer 1
+        JumpReLU, layer 2 ReLU; "clt": a JumpReLU CrossLayerTranscoder of 3 layers.
     python circuit_tracer_side.py graph FOLDER...
         For each FOLDER, circuit-tracer's attribute() on the TransformerLens
         model of FOLDER/config.json (HookedTransformerConfig keywords, plus
@@ -25,10 +28,12 @@ whatever it writes comes from circuit-tracer's code alone.
         pydantic Model; FOLDER/ours.pt opened by Graph.from_pt; FOLDER/graphs.json
         and FOLDER/graphs.safetensors get both Graphs' fields ("theirs", "loaded")
         and the validated node and link counts.
+    python circuit_tracer_side.py batch JOBS
+        Each [command, arguments...] of the JSON list in JOBS (the commands
+        above), in one start of this environment.
 """
 
 import json
-
 import sys
 
 import torch
@@ -53,21 +58,51 @@ def describe(transcoders, inputs: dict) -> dict:
     return out
 
 
-def read(folder: str, inputs: str, out: str, dtype: str) -> None:
+def describe_clt(clt, inputs: dict) -> dict:
+    """Parameters of a circuit-tracer CrossLayerTranscoder, and its activations and
+    forward output on the inputs stacked by layer."""
+    out = {name: tensor.contiguous() for name, tensor in clt.state_dict().items()}
+    x = torch.stack([inputs[f"x{layer}"] for layer in range(clt.n_layers)]).to(clt.dtype)
+    with torch.no_grad():
+        out["activations"] = clt.encode(x).contiguous()
+        out["reconstruction"] = clt(x).contiguous()
+    return out
+
+
+def open_folder(folder: str, dtype: torch.dtype, *, lazy_decoder: bool = False):
+    """circuit-tracer's transcoders in FOLDER (load_transcoder_from_hub), and its
+    config. 0.5.0's loaders build ReLU or JumpReLU layers only; for a top-k folder
+    (config.yaml's activation: topk and k, the format after 0.5.0) each layer,
+    loaded as ReLU from its weights, gets 0.5.0's own TopK(k) activation."""
+    from circuit_tracer.transcoder.activation_functions import TopK
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
 
-    transcoders, config = load_transcoder_from_hub(folder, device=torch.device("cpu"), dtype=DTYPES[dtype],
-                                                   lazy_decoder=False)
-    save_file(describe(transcoders, load_file(inputs)), out,
+    transcoders, config = load_transcoder_from_hub(folder, device=torch.device("cpu"), dtype=dtype,
+                                                   lazy_decoder=lazy_decoder)
+    if config.get("activation") == "topk":
+        for transcoder in transcoders:
+            transcoder.activation_function = TopK(config["k"])
+    return transcoders, config
+
+
+def read(folder: str, inputs: str, out: str, dtype: str) -> None:
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    transcoders, config = open_folder(folder, DTYPES[dtype])
+    tensors = (describe_clt if isinstance(transcoders, CrossLayerTranscoder) else describe)(transcoders,
+                                                                                            load_file(inputs))
+    save_file(tensors, out,
               metadata={key: str(config[key]) for key in ("feature_input_hook", "feature_output_hook", "scan")})
 
 
-def write(folder: str, inputs: str, out: str, dtype: str, seed: str) -> None:
+def write(folder: str, inputs: str, out: str, dtype: str, seed: str, kind: str = "set") -> None:
     from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
     from circuit_tracer.transcoder.activation_functions import JumpReLU
 
     generator = torch.Generator().manual_seed(int(seed))
     d_model, d_transcoder = 8, 24
+    if kind == "clt":
+        return write_clt(folder, inputs, out, DTYPES[dtype], generator, d_model, d_transcoder)
     layers = {}
     for layer, (activation, skip) in enumerate([("jumprelu", True), ("jumprelu", False), ("relu", False)]):
         function = (JumpReLU(torch.rand(d_transcoder, generator=generator, dtype=DTYPES[dtype]) * 0.5, 0.1)
@@ -87,16 +122,44 @@ def write(folder: str, inputs: str, out: str, dtype: str, seed: str) -> None:
     save_file(describe(transcoders, load_file(inputs)), out)
 
 
-def word_level_tokenizer(vocabulary_size: int, folder: str):
+def write_clt(folder: str, inputs: str, out: str, dtype: torch.dtype, generator, d_model: int,
+              d_transcoder: int) -> None:
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder(3, d_transcoder, d_model, activation_function="jump_relu", lazy_decoder=False,
+                               scan="written-by-circuit-tracer", device=torch.device("cpu"), dtype=dtype, **HOOKS)
+    with torch.no_grad():
+        for parameter in clt.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=dtype) * 0.5)
+        clt.activation_function.threshold.copy_(torch.rand(clt.activation_function.threshold.shape,
+                                                           generator=generator, dtype=dtype) * 0.5)
+    clt.to_safetensors(folder)
+    with open(f"{folder}/config.yaml", "w") as f:
+        yaml.dump({"model_kind": "cross_layer_transcoder", "scan": clt.scan, **HOOKS}, f)
+    save_file(describe_clt(clt, load_file(inputs)), out)
+
+
+def word_level_tokenizer(vocabulary_size: int, folder: str, *, text_prompts: bool = False):
     """A tokenizer for the test's vocabulary, built here (no download; token 0 is
-    BOS) and loaded from a folder, as TransformerLens reloads it by name."""
+    BOS) and loaded from a folder, as TransformerLens reloads it by name.
+    text_prompts: text splits on whitespace, and the last id is a pad token,
+    the special token their ensure_tokenized puts before a prompt that starts
+    with none (it passes over id 0, which is falsy)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     vocabulary = {"<bos>": 0, **{f"w{i}": i for i in range(1, vocabulary_size)}}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocabulary, unk_token="w1")),
-                            bos_token="<bos>").save_pretrained(folder)
+    special = {"bos_token": "<bos>"}
+    if text_prompts:
+        del vocabulary[f"w{vocabulary_size - 1}"]
+        vocabulary["<pad>"] = vocabulary_size - 1
+        special["pad_token"] = "<pad>"
+    tokenizer = Tokenizer(WordLevel(vocabulary, unk_token="w1"))
+    if text_prompts:
+        tokenizer.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -105,22 +168,23 @@ def graphs(*folders: str) -> None:
         graph(folder)
 
 
-def graph(folder: str) -> None:
-    from circuit_tracer import ReplacementModel, attribute
-    from circuit_tracer.graph import compute_graph_scores, prune_graph
+def replacement_model(folder: str, *, lazy_decoder: bool = False, text_prompts: bool = False):
+    """circuit-tracer's ReplacementModel (TransformerLens backend) of FOLDER, as
+    the graph command describes it, and FOLDER/config.json's other entries;
+    the tokenizer is saved to FOLDER/tokenizer."""
+    from circuit_tracer import ReplacementModel
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
     from transformer_lens import HookedTransformerConfig
 
     config = json.loads(open(f"{folder}/config.json").read())
-    config.pop("frontend", None)
+    options = {key: config.pop(key) for key in ("frontend", "attribute", "prune", "dropin") if key in config}
     dtype = DTYPES[config.pop("dtype")]
-    attribute_options, prune_options = config.pop("attribute"), config.pop("prune")
     # attribute() allocates its edge matrix in the default dtype.
     torch.set_default_dtype(dtype)
-    transcoders, _ = load_transcoder_from_hub(f"{folder}/transcoders", device=torch.device("cpu"), dtype=dtype,
-                                              lazy_decoder=False)
+    transcoders, _ = open_folder(f"{folder}/transcoders", dtype, lazy_decoder=lazy_decoder)
+    tokenizer = word_level_tokenizer(config["d_vocab"], f"{folder}/tokenizer", text_prompts=text_prompts)
     model = ReplacementModel.from_config(HookedTransformerConfig(**config, dtype=dtype, device="cpu"), transcoders,
-                                         backend="transformerlens", tokenizer=word_level_tokenizer(config["d_vocab"], f"{folder}/tokenizer"))
+                                         backend="transformerlens", tokenizer=tokenizer)
     # The replacement model wraps each MLP (mlp.old_mlp) and the unembedding (unembed.old_unembed).
     parameters = {name.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed."): tensor
                   for name, tensor in load_file(f"{folder}/model.safetensors").items()}
@@ -129,15 +193,31 @@ def graph(folder: str) -> None:
     kept = ({name for name, _ in model.named_buffers(remove_duplicate=False)}
             | {name for name in missing if name.startswith("transcoders.")})
     assert not unexpected and set(missing) <= kept, (missing, unexpected)
-    result = attribute(load_file(f"{folder}/tokens.safetensors")["tokens"], model, **attribute_options)
-    tensors = {"adjacency": result.adjacency_matrix, "active_features": result.active_features,
-               "activation_values": result.activation_values, "selected_features": result.selected_features,
-               "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities,
-               "scores": torch.tensor(compute_graph_scores(result), dtype=torch.float64)}
+    return model, options
+
+
+def pruned_fields(graph, prune_options: list[dict]) -> dict:
+    """compute_graph_scores(graph) and, for each of prune_graph()'s options,
+    its masks and cumulative scores (numbered as the options)."""
+    from circuit_tracer.graph import compute_graph_scores, prune_graph
+
+    tensors = {"scores": torch.tensor(compute_graph_scores(graph), dtype=torch.float64)}
     for index, options in enumerate(prune_options):
-        pruned = prune_graph(result, **options)
+        pruned = prune_graph(graph, **options)
         tensors |= {f"node_mask{index}": pruned.node_mask, f"edge_mask{index}": pruned.edge_mask,
                     f"cumulative_scores{index}": pruned.cumulative_scores}
+    return tensors
+
+
+def graph(folder: str) -> None:
+    from circuit_tracer import attribute
+
+    model, options = replacement_model(folder)
+    result = attribute(load_file(f"{folder}/tokens.safetensors")["tokens"], model, **options["attribute"])
+    tensors = {"adjacency": result.adjacency_matrix, "active_features": result.active_features,
+               "activation_values": result.activation_values, "selected_features": result.selected_features,
+               "logit_tokens": result.logit_token_ids, "logit_probabilities": result.logit_probabilities}
+    tensors |= pruned_fields(result, options["prune"])
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, f"{folder}/theirs.safetensors")
     return result
 
@@ -176,5 +256,14 @@ def frontend(*folders: str) -> None:
             json.dump(fields, f)
 
 
+COMMANDS = {"read": read, "write": write, "graph": graphs, "frontend": frontend}
+
+
+def batch(jobs: str) -> None:
+    """Each [command, arguments...] of the JSON list in JOBS, in one start of this environment."""
+    for command, *arguments in json.load(open(jobs)):
+        COMMANDS[command](*arguments)
+
+
 if __name__ == "__main__":
-    {"read": read, "write": write, "graph": graphs, "frontend": frontend}[sys.argv[1]](*sys.argv[2:])
+    {**COMMANDS, "batch": batch}[sys.argv[1]](*sys.argv[2:])

@@ -6,6 +6,14 @@
   (tests/test_attribution.py's verify_feature_edges there: attention patterns,
   LayerNorm scales and every MLP output held at their values on the prompt,
   remove one source, read every target's change).
+
+Transcoder kinds: per-layer JumpReLU without ("plain") and with a skip
+connection ("skip"), per-layer top-k ("topk": circuit-tracer 0.5.0's
+SingleLayerTranscoders running its TopK activation; it has no file form of
+them, tests/test_graphs_transcoders.py), a JumpReLU cross-layer transcoder ("clt"), and interpkernels'
+top-k cross-layer transcoder ("clt-topk": circuit-tracer 0.5.0's
+cross-layer transcoders are ReLU or JumpReLU only, so only the intervention
+checks it).
 """
 
 import itertools
@@ -15,10 +23,11 @@ import pytest
 import torch
 from circuit_tracer_env import run_circuit_tracer
 from safetensors.torch import load_file, save_file
+from test_graphs_transcoders import save_top_k_folder
 
-from interpkernels.graphs import (TranscoderSet, attribution, attribution_graph, load_transcoders, pruning,
-                                  save_transcoders)
-from interpkernels.nn import JumpReLUTranscoder
+from interpkernels.graphs import (HookedCrossLayerTranscoder, TranscoderSet, attribution, attribution_graph,
+                                  load_transcoders, pruning, save_transcoders)
+from interpkernels.nn import CrossLayerTranscoder, JumpReLUCrossLayerTranscoder, JumpReLUTranscoder, Transcoder
 
 transformer_lens = pytest.importorskip("transformer_lens")
 
@@ -30,6 +39,10 @@ ARCHITECTURES = {
 }
 DTYPES = [torch.float64, torch.float32]
 LATENTS = 40
+TOP_K = 8
+KINDS = ["plain", "skip", "topk", "clt", "clt-topk"]
+CIRCUIT_TRACER_KINDS = ["plain", "skip", "topk", "clt"]
+PARTIAL_KINDS = ["plain", "clt"]  # max_feature_nodes on per-layer and cross-layer transcoders
 TOKENS = torch.tensor([0, 5, 9, 3, 17, 5, 2])  # 0 is BOS
 OPTIONS = dict(max_n_logits=5, desired_logit_prob=0.8, batch_size=16)
 # circuit-tracer's defaults, and an edge threshold at which dropping nodes left
@@ -40,30 +53,79 @@ PRUNINGS = [dict(node_threshold=0.8, edge_threshold=0.98), dict(node_threshold=0
 PARTIAL = dict(OPTIONS, batch_size=8, update_interval=2, max_feature_nodes=60)
 
 
-def random_case(dtype: torch.dtype, architecture: str = "gpt2", skip: bool = False, seed: int = 0):
+def randomize_(module, dtype: torch.dtype):
+    """Every parameter N(0, 0.25); JumpReLU thresholds U(0, 1); top-k encoder
+    biases shifted up by 2 (ranks unchanged) so that every token's k largest
+    pre-activations are positive, where circuit-tracer's top-k (which keeps
+    negative ones) and interpkernels' (of relu(pre)) agree."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            parameter.copy_(torch.randn(parameter.shape) * 0.5)
+        for name, parameter in module.named_parameters():
+            if name.startswith("threshold"):
+                parameter.uniform_(0.0, 1.0)
+            elif name.startswith("b_enc") and not hasattr(module, "threshold"):
+                parameter += 2.0
+    return module.to(dtype)
+
+
+def random_case(dtype: torch.dtype, architecture: str = "gpt2", kind: str = "plain", seed: int = 0):
     """A HookedTransformer (GPT-2 style: LayerNorm, learned positions; Llama
-    style: RMSNorm, rotary, gated MLP) with random weights and random JumpReLU
-    transcoders (with a skip connection or not) with about a third of their
-    latents active."""
+    style: RMSNorm, rotary, gated MLP) with random weights and random
+    transcoders of `kind` (module docstring); JumpReLU ones have about a third
+    of their latents active."""
     torch.manual_seed(seed)
     model = transformer_lens.HookedTransformer(transformer_lens.HookedTransformerConfig(
         **CONFIG, **ARCHITECTURES[architecture], seed=seed, dtype=dtype, device="cpu"))
-    layers = []
-    for layer in range(CONFIG["n_layers"]):
-        transcoder = JumpReLUTranscoder(CONFIG["d_model"], LATENTS, LATENTS, skip=skip, seed=layer)
-        with torch.no_grad():
-            for parameter in transcoder.parameters():
-                parameter.copy_(torch.randn(parameter.shape) * 0.5)
-            transcoder.threshold.uniform_(0.0, 1.0)
-        layers.append(transcoder.to(dtype))
-    return model, TranscoderSet(layers)
+    n_layers, d = CONFIG["n_layers"], CONFIG["d_model"]
+    # Seeded constructors draw their initial weights from their own generator, not torch's.
+    if kind == "clt":
+        clt = JumpReLUCrossLayerTranscoder(n_layers, d, LATENTS, LATENTS, seed=0)
+        return model, HookedCrossLayerTranscoder(randomize_(clt, dtype))
+    if kind == "clt-topk":
+        return model, randomize_(CrossLayerTranscoder(n_layers, d, LATENTS, TOP_K, seed=0), dtype)
+    layers = [JumpReLUTranscoder(d, LATENTS, LATENTS, skip=kind == "skip", seed=layer) if kind != "topk"
+              else Transcoder(d, LATENTS, TOP_K, seed=layer) for layer in range(n_layers)]
+    return model, TranscoderSet([randomize_(transcoder, dtype) for transcoder in layers])
+
+
+def cross_layer(transcoders) -> CrossLayerTranscoder | None:
+    if isinstance(transcoders, HookedCrossLayerTranscoder):
+        return transcoders.transcoder
+    return transcoders if isinstance(transcoders, CrossLayerTranscoder) else None
+
+
+def feature_writes(transcoders, layer: int, position: int, latent: int, value) -> list:
+    """(MLP output hook, position, vector) for each MLP output a feature writes to:
+    its own layer's, and for a cross-layer transcoder every later one's too."""
+    if (clt := cross_layer(transcoders)) is not None:
+        return [(f"blocks.{output}.hook_mlp_out", position, value * clt.W_dec[layer][latent, output - layer])
+                for output in range(layer, CONFIG["n_layers"])]
+    return [(f"blocks.{layer}.hook_mlp_out", position, value * transcoders[layer].W_dec[latent])]
+
+
+def encoder_row(transcoders, layer: int, latent: int) -> torch.Tensor:
+    clt = cross_layer(transcoders)
+    return clt.W_enc[layer][latent] if clt is not None else transcoders[layer].W_enc[latent]
+
+
+def reconstructions(transcoders, inputs: list) -> list:
+    """Each layer's MLP output as the transcoders rebuild it from the MLP inputs."""
+    if (clt := cross_layer(transcoders)) is not None:
+        return clt.decode([clt.encode_layer(layer, x) for layer, x in enumerate(inputs)])
+    return [transcoder.reconstruct(x, *transcoder.encode(x)) for transcoder, x in zip(transcoders, inputs)]
+
+
+def skip_weight(transcoders, layer: int):
+    return None if cross_layer(transcoders) is not None else transcoders[layer].W_skip
 
 
 def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
     """The dense adjacency measured by intervention: for each source (feature,
     error, token), a forward pass with attention patterns, LayerNorm scales and
     MLP outputs frozen at their values on the prompt and that source's vector
-    removed; edge = minus the change of each target's pre-activation
+    removed (a cross-layer feature's from every MLP output it writes to); edge =
+    minus the change of each target's pre-activation
     (encoder row . MLP input) or de-meaned logit. A skip connection stays live:
     its MLP output moves by ``W_skip`` times its input's change (circuit-tracer's
     setup_intervention_with_freeze). One batch member per source."""
@@ -72,16 +134,16 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
     read_names = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(n_layers)] + ["ln_final.hook_normalized"]
     with torch.no_grad():
         _, cache = model.run_with_cache(TOKENS[None], names_filter=frozen_names + read_names + ["hook_embed"])
-        # Sources in node order: (hook, position, vector removed there).
-        sources = [(f"blocks.{layer}.hook_mlp_out", position, value * transcoders[layer].W_dec[latent])
+        # Sources in node order, each a list of (hook, position, vector removed there).
+        sources = [feature_writes(transcoders, layer, position, latent, value)
                    for (layer, position, latent), value in zip(graph.active_features.tolist(), graph.activation_values)]
+        rebuilt = reconstructions(transcoders, [cache[f"blocks.{layer}.ln2.hook_normalized"][0]
+                                                for layer in range(n_layers)])
         for layer in range(n_layers):
-            x = cache[f"blocks.{layer}.ln2.hook_normalized"][0]
-            reconstruction = transcoders[layer].reconstruct(x, *transcoders[layer].encode(x))
-            error = cache[f"blocks.{layer}.hook_mlp_out"][0] - reconstruction
-            sources += [(f"blocks.{layer}.hook_mlp_out", position, error[position] * (position > 0))
+            error = cache[f"blocks.{layer}.hook_mlp_out"][0] - rebuilt[layer]
+            sources += [[(f"blocks.{layer}.hook_mlp_out", position, error[position] * (position > 0))]
                         for position in range(n_pos)]
-        sources += [("hook_embed", position, cache["hook_embed"][0, position]) for position in range(n_pos)]
+        sources += [[("hook_embed", position, cache["hook_embed"][0, position])] for position in range(n_pos)]
 
         mlp_inputs = {}
 
@@ -90,12 +152,13 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
 
         def removed(acts, hook):
             value = cache[hook.name].expand(len(sources), *cache[hook.name].shape[1:]).clone()
-            for member, (name, position, vector) in enumerate(sources):
-                if name == hook.name:
-                    value[member, position] -= vector
-            if hook.name.endswith("hook_mlp_out") and transcoders[hook.layer()].W_skip is not None:
+            for member, writes in enumerate(sources):
+                for name, position, vector in writes:
+                    if name == hook.name:
+                        value[member, position] -= vector
+            if hook.name.endswith("hook_mlp_out") and (W_skip := skip_weight(transcoders, hook.layer())) is not None:
                 moved = mlp_inputs[hook.layer()] - cache[f"blocks.{hook.layer()}.ln2.hook_normalized"]
-                value += moved @ transcoders[hook.layer()].W_skip.T
+                value += moved @ W_skip.T
             return value
 
         hooks = [(name, removed) for name in frozen_names + ["hook_embed"]]
@@ -104,7 +167,8 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
             _, runs = model.run_with_cache(TOKENS[None].expand(len(sources), -1), names_filter=read_names)
 
         def targets(run, member) -> torch.Tensor:
-            values = [transcoders[layer].W_enc[latent] @ run[f"blocks.{layer}.ln2.hook_normalized"][member, position]
+            values = [encoder_row(transcoders, layer, latent)
+                      @ run[f"blocks.{layer}.ln2.hook_normalized"][member, position]
                       for layer, position, latent in graph.active_features.tolist()]
             W_U = model.W_U
             demeaned = (W_U[:, graph.logit_tokens] - W_U.mean(dim=-1, keepdim=True)).T
@@ -120,11 +184,11 @@ def frozen_intervention_adjacency(model, transcoders, graph) -> torch.Tensor:
     return adjacency
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_edge_is_a_frozen_intervention(dtype, architecture, skip):
-    model, transcoders = random_case(dtype, architecture, skip)
+def test_every_edge_is_a_frozen_intervention(dtype, architecture, kind):
+    model, transcoders = random_case(dtype, architecture, kind)
     graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
     assert graph.n_features > 20 and graph.adjacency._nnz() > 500, "too few nodes or edges to check anything"
     want = frozen_intervention_adjacency(model, transcoders, graph)
@@ -137,11 +201,11 @@ def test_every_edge_is_a_frozen_intervention(dtype, architecture, skip):
     assert bool((graph.active_features[:, 1] > 0).all())
 
 
-def write_case(folder, architecture: str, dtype: torch.dtype, skip: bool, **side_options) -> None:
+def write_case(folder, architecture: str, dtype: torch.dtype, kind: str, **side_options) -> None:
     """The folder circuit_tracer_side.py's graph command reads: random_case(seed=1)'s
     model and transcoders, the prompt, and its config (plus `side_options`)."""
-    model, transcoders = random_case(dtype, architecture, skip, seed=1)
-    save_transcoders(transcoders, folder / "transcoders")
+    model, transcoders = random_case(dtype, architecture, kind, seed=1)
+    (save_top_k_folder if kind == "topk" else save_transcoders)(transcoders, folder / "transcoders")
     save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, folder / "model.safetensors")
     save_file({"tokens": TOKENS}, folder / "tokens.safetensors")
     (folder / "config.json").write_text(json.dumps(
@@ -151,15 +215,16 @@ def write_case(folder, architecture: str, dtype: torch.dtype, skip: bool, **side
 
 @pytest.fixture(scope="module")
 def circuit_tracer_graphs(tmp_path_factory) -> dict:
-    """circuit-tracer's attribute() on every case (architecture, dtype, skip),
+    """circuit-tracer's attribute() on every case (architecture, dtype, kind),
     in one run of its environment (which takes ~15 s to start): the folder of each."""
     folders = {}
-    for architecture, dtype, skip in itertools.product(ARCHITECTURES, DTYPES, [False, True]):
-        folder = folders[architecture, dtype, skip] = tmp_path_factory.mktemp(f"{architecture}-{dtype}-{skip}")
-        write_case(folder, architecture, dtype, skip)
-    for architecture, dtype in itertools.product(ARCHITECTURES, DTYPES):
-        folder = folders["partial", architecture, dtype] = tmp_path_factory.mktemp(f"partial-{architecture}-{dtype}")
-        write_case(folder, architecture, dtype, False, attribute=PARTIAL)
+    for architecture, dtype, kind in itertools.product(ARCHITECTURES, DTYPES, CIRCUIT_TRACER_KINDS):
+        folder = folders[architecture, dtype, kind] = tmp_path_factory.mktemp(f"{architecture}-{dtype}-{kind}")
+        write_case(folder, architecture, dtype, kind)
+    for architecture, dtype, kind in itertools.product(ARCHITECTURES, DTYPES, PARTIAL_KINDS):
+        folder = folders["partial", architecture, dtype, kind] = tmp_path_factory.mktemp(
+            f"partial-{architecture}-{dtype}-{kind}")
+        write_case(folder, architecture, dtype, kind, attribute=PARTIAL)
     run_circuit_tracer("graph", *folders.values())
     return folders
 
@@ -191,25 +256,27 @@ def assert_equals_theirs(ours, theirs: dict, dtype) -> None:
         torch.testing.assert_close(pruned.cumulative_scores, theirs[f"cumulative_scores{index}"], **tolerance)
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("kind", CIRCUIT_TRACER_KINDS)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_graph_equals_circuit_tracers_attribute(dtype, architecture, skip, circuit_tracer_graphs):
-    folder = circuit_tracer_graphs[architecture, dtype, skip]
-    model, _ = random_case(dtype, architecture, skip, seed=1)
+def test_graph_equals_circuit_tracers_attribute(dtype, architecture, kind, circuit_tracer_graphs):
+    folder = circuit_tracer_graphs[architecture, dtype, kind]
+    model, _ = random_case(dtype, architecture, kind, seed=1)
     ours = attribution_graph(model, load_transcoders(folder / "transcoders"), TOKENS, **OPTIONS)
     assert_equals_theirs(ours, load_file(folder / "theirs.safetensors"), dtype)
 
 
+@pytest.mark.parametrize("kind", PARTIAL_KINDS)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_max_feature_nodes_selects_circuit_tracers_rows(dtype, architecture, circuit_tracer_graphs):
+def test_max_feature_nodes_selects_circuit_tracers_rows(dtype, architecture, kind, circuit_tracer_graphs):
     """Their attribute(max_feature_nodes=60): logit rows, then features ranked by
     partial influence in batches; the same features chosen, the same rows, the
-    graph's feature nodes only those (their column read)."""
-    folder = circuit_tracer_graphs["partial", architecture, dtype]
+    graph's feature nodes only those (their column read). A cross-layer
+    feature's row and influence sum over every MLP output it writes to."""
+    folder = circuit_tracer_graphs["partial", architecture, dtype, kind]
     theirs = load_file(folder / "theirs.safetensors")
-    model, _ = random_case(dtype, architecture, seed=1)
+    model, _ = random_case(dtype, architecture, kind, seed=1)
     ours = attribution_graph(model, load_transcoders(folder / "transcoders"), TOKENS, **PARTIAL)
     assert ours.n_features == PARTIAL["max_feature_nodes"] < ours.active_features.shape[0]
     # Not simply the first features in node order: the influence ranking chose them.
@@ -236,6 +303,11 @@ def test_bad_arguments_name_themselves():
     for share in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"edge_mass: expected a share in \(0, 1\]"):
             attribution_graph(model, transcoders, TOKENS, edge_mass=share)
+    with pytest.raises(ValueError, match="transcoders: a cross-layer transcoder of 2 layers for a model of 3 layers"):
+        attribution_graph(model, CrossLayerTranscoder(2, CONFIG["d_model"], LATENTS, TOP_K), TOKENS)
+    _, clt = random_case(torch.float32, kind="clt")
+    with pytest.raises(ValueError, match="transcoders: read 'hook_resid_mid'"):
+        attribution_graph(model, HookedCrossLayerTranscoder(clt.transcoder, "hook_resid_mid"), TOKENS)
 
 
 def test_influence_is_the_power_series_of_the_normalized_adjacency(monkeypatch):
@@ -344,6 +416,16 @@ def test_edge_mass_keeps_each_rows_largest_edges(share):
     assert not bool(pruned[~filled].any())
 
 
+def test_edges_are_the_adjacencys_nonzeros_row_major():
+    graph = attribution_graph(*random_case(torch.float64, kind="clt"), TOKENS, **PARTIAL)
+    targets, sources, weights = graph.edges()
+    dense = graph.adjacency.to_dense()
+    want_targets, want_sources = dense.nonzero(as_tuple=True)  # row-major
+    assert targets.dtype == sources.dtype == torch.int64 and targets.shape[0] > 500
+    assert torch.equal(targets, want_targets) and torch.equal(sources, want_sources)
+    assert torch.equal(weights, dense[want_targets, want_sources])
+
+
 def test_small_vector_jacobian_passes_give_the_same_graph(monkeypatch):
     """A memory budget of one row per pass splits every batch: the same graph."""
     model, transcoders = random_case(torch.float64)
@@ -352,3 +434,15 @@ def test_small_vector_jacobian_passes_give_the_same_graph(monkeypatch):
     got = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
     assert torch.equal(got.adjacency.to_dense(), want)
     assert got.adjacency.col_indices().dtype == torch.int32 and got.adjacency.values().dtype == torch.float64
+
+
+def test_progress_reports_rows_on_stderr_and_can_be_silenced(monkeypatch, capsys):
+    from interpkernels._progress import Progress
+
+    model, transcoders = random_case(torch.float64)
+    monkeypatch.setattr(Progress, "PLAIN_LINE_SECONDS", 0.0)  # a line after every batch (stderr is not a terminal)
+    graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
+    rows = graph.n_features + graph.logit_tokens.shape[0]
+    assert f"attributed {rows:,} of {rows:,} rows" in capsys.readouterr().err
+    attribution_graph(model, transcoders, TOKENS, **OPTIONS, progress=False)
+    assert capsys.readouterr().err == ""

@@ -22,7 +22,7 @@ from test_graphs_attribution import OPTIONS, TOKENS, random_case, write_case
 
 from interpkernels.graphs import attribution_graph, load_transcoders
 
-CASES = [("gpt2", torch.float32, False), ("llama", torch.float64, True)]
+CASES = [("gpt2", torch.float32, "plain"), ("llama", torch.float64, "skip")]
 CASE_IDS = ["gpt2-float32-plain", "llama-float64-skip"]
 # circuit-tracer's defaults for create_graph_files.
 THRESHOLDS = dict(node_threshold=0.8, edge_threshold=0.98)
@@ -45,10 +45,10 @@ def exported(tmp_path_factory) -> dict:
     """Each case's folder: our graph.json (with graph-metadata.json) in ours/ and
     ours.pt, then circuit-tracer's frontend command on all of them in one run."""
     folders = {}
-    for architecture, dtype, skip in CASES:
-        folder = folders[architecture, dtype, skip] = tmp_path_factory.mktemp(f"export-{architecture}-{dtype}")
-        write_case(folder, architecture, dtype, skip, frontend=THRESHOLDS)
-        model, _ = random_case(dtype, architecture, skip, seed=1)
+    for architecture, dtype, kind in CASES:
+        folder = folders[architecture, dtype, kind] = tmp_path_factory.mktemp(f"export-{architecture}-{dtype}")
+        write_case(folder, architecture, dtype, kind, frontend=THRESHOLDS)
+        model, _ = random_case(dtype, architecture, kind, seed=1)
         transcoders = load_transcoders(folder / "transcoders")
         graph = attribution_graph(model, transcoders, TOKENS, **OPTIONS)
         tokenizer = word_level_tokenizer(model.cfg.d_vocab)
@@ -73,16 +73,13 @@ def links_by_ends(links: list[dict]) -> dict[tuple[str, str], list[float]]:
     return {ends: sorted(values) for ends, values in weights.items()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_json_equals_create_graph_files(case, exported):
-    folder, dtype = exported[case], case[1]
-    ours = json.loads((folder / "ours" / "graph.json").read_text())
-    theirs = json.loads((folder / "theirs_json" / "graph.json").read_text())
+def assert_same_frontend_graph(ours_folder, theirs_folder, dtype: torch.dtype) -> None:
+    """The graph.json and graph-metadata.json in two folders equal, node for node and
+    link for link, floats within `dtype`'s tolerance (links: of the largest weight)."""
+    ours = json.loads((ours_folder / "graph.json").read_text())
+    theirs = json.loads((theirs_folder / "graph.json").read_text())
     assert list(ours) == list(theirs) == ["metadata", "qParams", "nodes", "links"]
     assert ours["metadata"] == theirs["metadata"] and ours["qParams"] == theirs["qParams"]
-    # Their frontend's Model accepted ours whole.
-    validated = json.loads((folder / "graphs.json").read_text())["validated"]
-    assert validated == {"nodes": len(ours["nodes"]), "links": len(ours["links"])}
 
     # Their node ids can repeat across kinds (error "0_{layer}_{pos}" is also feature
     # "{layer}_{latent}_{pos}" of layer 0, latent = layer), so a node is its kind and id.
@@ -108,8 +105,34 @@ def test_json_equals_create_graph_files(case, exported):
         for got, want in zip(our_links[ends], weights):
             assert_floats_close(got, want, dtype, scale=10 * largest)
 
-    index = json.loads((folder / "ours" / "graph-metadata.json").read_text())
-    assert index == json.loads((folder / "theirs_json" / "graph-metadata.json").read_text())
+    index = json.loads((ours_folder / "graph-metadata.json").read_text())
+    assert index == json.loads((theirs_folder / "graph-metadata.json").read_text())
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_json_equals_create_graph_files(case, exported):
+    folder, dtype = exported[case], case[1]
+    assert_same_frontend_graph(folder / "ours", folder / "theirs_json", dtype)
+    # Their frontend's Model accepted ours whole.
+    ours = json.loads((folder / "ours" / "graph.json").read_text())
+    validated = json.loads((folder / "graphs.json").read_text())["validated"]
+    assert validated == {"nodes": len(ours["nodes"]), "links": len(ours["links"])}
+
+
+def assert_same_tensors(tensors: dict, got_prefix: str, want_prefix: str, dtype: torch.dtype) -> None:
+    """Every ``want_prefix.name`` tensor equals ``got_prefix.name`` in dtype and
+    shape, integers exactly, floats within `dtype`'s tolerance of the largest entry."""
+    names = {name.removeprefix(f"{want_prefix}.") for name in tensors if name.startswith(f"{want_prefix}.")}
+    assert names == {name.removeprefix(f"{got_prefix}.") for name in tensors if name.startswith(f"{got_prefix}.")}
+    for name in names:
+        got, want = tensors[f"{got_prefix}.{name}"], tensors[f"{want_prefix}.{name}"]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if want.is_floating_point():
+            # float32: within 1e-4 of the largest entry, as test_graphs_attribution compares edges.
+            tolerance = 1e-12 if dtype == torch.float64 else 1e-4
+            assert (got - want).abs().max() <= tolerance * max(want.abs().max(), 1.0), name
+        else:
+            assert torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -126,16 +149,7 @@ def test_pt_file_opens_as_their_graph(case, exported):
     assert loaded == theirs
     assert theirs["cfg_type"] == "UnifiedConfig" and theirs["n_pos"] == TOKENS.shape[0]
 
-    names = {name.removeprefix("theirs.") for name in tensors if name.startswith("theirs.")}
-    for name in names:
-        got, want = tensors[f"loaded.{name}"], tensors[f"theirs.{name}"]
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        if want.is_floating_point():
-            # float32: within 1e-4 of the largest entry, as test_graphs_attribution compares edges.
-            tolerance = 1e-12 if dtype == torch.float64 else 1e-4
-            assert (got - want).abs().max() <= tolerance * max(want.abs().max(), 1.0), name
-        else:
-            assert torch.equal(got, want), name
+    assert_same_tensors(tensors, "loaded", "theirs", dtype)
 
 
 def test_bad_arguments_name_themselves(tmp_path):

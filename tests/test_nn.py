@@ -128,6 +128,27 @@ def test_cross_layer_transcoder_decodes_each_code_to_later_layers():
     assert all(p.grad is not None for p in module.parameters())
 
 
+def test_jumprelu_cross_layer_transcoder_codes_each_layer_against_its_thresholds(tmp_path):
+    torch.manual_seed(0)
+    L, d, M = 3, 8, 20
+    module = ik_nn.JumpReLUCrossLayerTranscoder(L, d, M, M, seed=0).double()
+    with torch.no_grad():
+        for layer in range(L):
+            module.b_enc[layer].copy_(torch.randn(M))
+            module.threshold[layer].uniform_(0.0, 1.0)
+    inputs = [torch.randn(6, d, dtype=torch.float64) for _ in range(L)]
+    for layer, x in enumerate(inputs):
+        pre = x @ module.W_enc[layer].T + module.b_enc[layer]
+        want = pre * (pre > module.threshold[layer])
+        assert bool((want > 0).any()) and bool(((want == 0) & (pre > 0)).any()), "thresholds that cut nothing"
+        torch.testing.assert_close(reference.densify(*module.encode_layer(layer, x), M), want)
+    module = module.float()  # load() rebuilds float32 modules
+    module.save(tmp_path / "clt.safetensors")
+    loaded = ik_nn.SafetensorsModule.load(tmp_path / "clt.safetensors")
+    assert type(loaded) is ik_nn.JumpReLUCrossLayerTranscoder and loaded.config == module.config
+    assert all(torch.equal(p, loaded.state_dict()[name]) for name, p in module.state_dict().items())
+
+
 def test_cross_layer_transcoder_save_and_load(tmp_path):
     module = ik_nn.CrossLayerTranscoder(3, 8, 20, 3, seed=0)
     module.save(tmp_path / "clt.safetensors")

@@ -14,7 +14,7 @@ import torch
 
 from interpkernels import demo
 from interpkernels.distributed import load_checkpoint
-from interpkernels.nn import JumpReLUSAE, TopKSAE, Transcoder
+from interpkernels.nn import JumpReLUSAE, JumpReLUTranscoder, TopKSAE, Transcoder
 from interpkernels.train import DeadLatentCounter, ProgressDisplay, memmap_batches, train
 
 
@@ -61,6 +61,21 @@ def test_training_jumprelu_and_transcoders_under_bf16_autocast():
     transcoder = Transcoder(8, 32, 4, d_out=6, skip=True, seed=0)
     history = train(transcoder, pairs, steps=40, lr=3e-3, log_every=20, progress=False)
     assert history.fvu[-1] < history.fvu[0]
+
+
+def test_the_sparsity_penalty_reaches_a_jumprelu_transcoder():
+    """A JumpReLUTranscoder trains on fvu + sparsity_coefficient * l0, as a JumpReLUSAE does: a heavier
+    penalty ends sparser (it once got no penalty at all)."""
+    data = demo.SyntheticActivations.make(8, 16, 2.0, seed=0)
+    mlp = torch.nn.Linear(8, 6)
+    l0 = {}
+    for coefficient in (0.0, 0.3):
+        transcoder = JumpReLUTranscoder(8, 64, 64, d_out=6, seed=0)
+        pairs = ((x, mlp(x).detach()) for x in data.batches(128))
+        history = train(transcoder, pairs, steps=200, lr=1e-2, log_every=200, sparsity_coefficient=coefficient,
+                        progress=False)
+        l0[coefficient] = history.l0[-1]
+    assert l0[0.3] < 0.5 * l0[0.0], l0
 
 
 def test_memmap_batches_stream_rows_from_disk(tmp_path):

@@ -13,6 +13,8 @@ and returns a :class:`SparseCoderOutput` from ``forward``. Codes are sparse
   optional linear skip ``W_skip [d_out, d_in]``.
 - :class:`JumpReLUTranscoder`: a transcoder with a JumpReLU code.
 - :class:`CrossLayerTranscoder`: layer l's code decodes to layers l..L-1.
+- :class:`JumpReLUCrossLayerTranscoder`: a cross-layer transcoder with a
+  JumpReLU code per layer.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from interpkernels import _validation as v
 from interpkernels.ops import sae_training
 from interpkernels.ops.batch_topk_encode import keep_batch_top, resolve_max_per_row
-from interpkernels.ops.jumprelu_encode import apply_slot_threshold, slot_threshold_l0
+from interpkernels.ops.jumprelu_encode import apply_slot_threshold, apply_threshold, slot_threshold_l0
 from interpkernels.ops.multi_target_decode import multi_target_decode
 from interpkernels.ops.sparse_decode import sparse_decode
 from interpkernels.ops.topk_encode import topk_encode
@@ -107,6 +109,9 @@ class SparseCoder(SafetensorsModule):
     :meth:`_held_latents`: a latent-sharded module
     (interpkernels.distributed.shard_latents) overrides just these.
     """
+
+    # A code with learned thresholds trains on fvu + sparsity_coefficient * l0 (interpkernels.train).
+    learns_thresholds = False
 
     backend: str | None = None
     # SAEs keep decoder rows on the unit sphere while training (interpkernels.train).
@@ -234,6 +239,8 @@ class JumpReLUSAE(SparseCoder):
     ``l0`` in the output carries the straight-through threshold gradient:
     train on ``fvu + sparsity_coefficient * l0``."""
 
+    learns_thresholds = True
+
     def __init__(self, d_in: int, num_latents: int, k: int, *, initial_threshold: float = 0.001,
                  bandwidth: float = 0.001, k_aux: int | None = None, seed: int | None = None):
         super().__init__(d_in, num_latents, k, k_aux=k_aux, seed=seed)
@@ -294,6 +301,8 @@ class JumpReLUTranscoder(Transcoder):
     must stay non-negative (the code's values are taken from ``relu(pre)``).
     At most ``k`` latents per token are kept, the largest; ``k = num_latents``
     keeps every latent above its threshold."""
+
+    learns_thresholds = True
 
     def __init__(self, d_in: int, num_latents: int, k: int, *, d_out: int | None = None, skip: bool = False,
                  initial_threshold: float = 0.001, bandwidth: float = 0.001, k_aux: int | None = None,
@@ -379,5 +388,31 @@ class CrossLayerTranscoder(SafetensorsModule):
         return SparseCoderOutput(torch.stack(reconstructions), values, indices, fvu, fvu.new_zeros(()), l0)
 
 
+class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
+    """A cross-layer transcoder whose layer l codes ``f = pre * 1[pre > threshold[l]]``,
+    the kind circuit-tracer publishes (a ReLU one has zero thresholds).
+    ``threshold`` holds one ``[M]`` per layer, stored as is (loaded
+    thresholds stay bit-exact) and non-negative (values come from
+    ``relu(pre)``). At most ``k`` latents per token and layer are kept, the
+    largest; ``k = num_latents`` keeps every latent above its threshold.
+    ``forward``'s l0 counts active latents without a threshold gradient: this
+    module is for reading trained ones (interpkernels.graphs), not for
+    training their thresholds."""
+
+    def __init__(self, num_layers: int, d_model: int, num_latents: int, k: int, *,
+                 initial_threshold: float = 0.001, bandwidth: float = 0.001, seed: int | None = None):
+        super().__init__(num_layers, d_model, num_latents, k, seed=seed)
+        self.config.update(initial_threshold=initial_threshold, bandwidth=bandwidth)
+        self.bandwidth = bandwidth
+        self.threshold = nn.ParameterList(nn.Parameter(torch.full((num_latents,), float(initial_threshold)))
+                                          for _ in range(num_layers))
+
+    def encode_layer(self, layer, x):
+        threshold = self.threshold[layer]
+        candidates, indices = topk_encode(x, self.W_enc[layer], self.b_enc[layer], self.config["k"],
+                                          threshold=threshold, backend=self.backend)
+        return apply_threshold(candidates, indices, threshold, self.bandwidth), indices
+
+
 MODULES = {cls.__name__: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder, JumpReLUTranscoder,
-                                          CrossLayerTranscoder)}
+                                          CrossLayerTranscoder, JumpReLUCrossLayerTranscoder)}

@@ -50,7 +50,7 @@ from interpkernels._nonfinite import NonFiniteWatch
 from interpkernels._progress import Progress
 from interpkernels.distributed.checkpoint import fsync, load_checkpoint_into, save_checkpoint
 from interpkernels.distributed.sharded import LatentShards
-from interpkernels.nn import JumpReLUSAE, SparseCoder
+from interpkernels.nn import SparseCoder
 
 
 @dataclass
@@ -350,7 +350,8 @@ def train(
     """Train `module` for `steps` batches with Adam; returns the logged history.
 
     autocast_dtype: e.g. torch.bfloat16 to run the ops under torch.autocast
-    (parameters stay float32). sparsity_coefficient weighs a JumpReLUSAE's L0.
+    (parameters stay float32). sparsity_coefficient weighs the L0 of a code with learned thresholds
+    (JumpReLUSAE, JumpReLUTranscoder).
     log_every: steps between the entries of the history. progress: show a
     :class:`ProgressDisplay` on stderr. data_parallel_group: train under
     DistributedDataParallel over this process group (gradients averaged, so
@@ -431,7 +432,7 @@ def train(
             any_dead = bool(history.dead_latents) and history.dead_latents[-1] > 0
             out = model(x, target, dead_mask=dead.dead_mask(dead_after_tokens) if any_dead else None)
         loss = out.fvu + auxk_coefficient * out.auxk_loss
-        if isinstance(module, JumpReLUSAE):
+        if getattr(module, "learns_thresholds", False):
             loss = loss + sparsity_coefficient * out.l0
         nonfinite.loss(loss, step)
         optimizer.zero_grad(set_to_none=True)

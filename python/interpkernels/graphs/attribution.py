@@ -3,12 +3,16 @@
 The local replacement model (circuit-tracer ``replacement_model/``): attention
 patterns and LayerNorm scales frozen at their values on the prompt, each MLP
 replaced by its transcoder with the transcoder's error added as a constant
-(a skip connection ``x @ W_skip.T`` stays, linear).
+(a skip connection ``x @ W_skip.T`` stays, linear). A cross-layer
+transcoder's layer-l feature writes to the MLP outputs of layers l..L-1 (one
+decoder row for each); each layer's error is that MLP output less the sum
+of what every feature of layers <= l writes there.
 It is linear from feature activations to every later feature pre-activation
 and logit. An edge (target <- source) is the source's activation times its
 decoder row (or the error / token-embedding vector) contracted with the
 gradient of the target's pre-activation (encoder row) or de-meaned logit
-(unembedding column less the vocabulary mean) at the source's site, with the
+(unembedding column less the vocabulary mean) at the source's site (for a
+cross-layer feature, summed over the sites it writes to), with the
 gradient taken through the frozen model only (no path through another
 transcoder: direct effects).
 
@@ -39,8 +43,11 @@ import torch
 from interpkernels._progress import Progress
 from interpkernels.graphs import export, pruning
 from interpkernels.graphs.pruning import PrunedGraph
-from interpkernels.graphs.transcoders import DEFAULT_INPUT_HOOK, DEFAULT_OUTPUT_HOOK, TranscoderSet
-from interpkernels.nn import Transcoder
+from interpkernels.graphs.transcoders import (DEFAULT_INPUT_HOOK, DEFAULT_OUTPUT_HOOK, HookedCrossLayerTranscoder,
+                                              TranscoderSet)
+from interpkernels.nn import CrossLayerTranscoder, Transcoder
+
+Transcoders = TranscoderSet | HookedCrossLayerTranscoder | CrossLayerTranscoder | Sequence[Transcoder]
 
 # circuit-tracer's mlp.hook_in / mlp.hook_out (its wrapper around each MLP) are,
 # on a plain HookedTransformer, the output of ln2 and the block's hook_mlp_out.
@@ -87,6 +94,15 @@ class AttributionGraph:
     def logit_node(self, index: int) -> int:
         return self.adjacency.shape[0] - self.logit_tokens.shape[0] + index
 
+    def edges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every stored edge as (targets, sources, weights) ``[n_edges]``,
+        row-major (targets ascending, sources ascending within a row): the CSR
+        adjacency's triples, with int64 indices built here (16 bytes an edge on
+        top of the adjacency)."""
+        crow = self.adjacency.crow_indices().long()
+        targets = torch.repeat_interleave(torch.arange(crow.shape[0] - 1, device=crow.device), crow.diff())
+        return targets, self.adjacency.col_indices().long(), self.adjacency.values()
+
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PrunedGraph:
         """circuit-tracer's prune_graph, on the sparse adjacency (interpkernels.graphs.pruning.prune)."""
         return pruning.prune(self, node_threshold, edge_threshold)
@@ -107,6 +123,12 @@ class AttributionGraph:
         (interpkernels.graphs.export.save_circuit_tracer_graph)."""
         export.save_circuit_tracer_graph(self, path, model, tokenizer, scan=scan)
 
+    def to_circuit_tracer(self, model, tokenizer=None, *, scan: str | list[str] | None = None):
+        """circuit-tracer's ``Graph`` of this graph, where circuit-tracer imports
+        (interpkernels.graphs.export.circuit_tracer_graph); arguments as
+        :meth:`to_circuit_tracer_file`."""
+        return export.circuit_tracer_graph(self, model, tokenizer, scan=scan)
+
 
 @dataclass
 class _LayerCode:
@@ -115,7 +137,9 @@ class _LayerCode:
     positions: torch.Tensor  # [n]
     latents: torch.Tensor  # [n]
     values: torch.Tensor  # [n] activations
-    scaled_decoders: torch.Tensor  # [n, d]: activation times decoder row
+    # [outputs, n, d]: activation times decoder row for each MLP output the features
+    # write to: this layer's, then (a cross-layer transcoder's) each later layer's.
+    scaled_decoders: torch.Tensor
     encoders: torch.Tensor  # [n, d]
     errors: torch.Tensor  # [n_pos, d]: MLP output less the reconstruction, zero at BOS
     # The features of each position as gathered_dot's indices: [n_pos, most at one
@@ -124,13 +148,21 @@ class _LayerCode:
     position_slots: torch.Tensor
 
 
-def _check_transcoders(transcoders: TranscoderSet | Sequence[Transcoder], n_layers: int) -> list[Transcoder]:
-    if isinstance(transcoders, TranscoderSet) and (
+def _check_transcoders(transcoders: Transcoders, n_layers: int) -> list[Transcoder] | CrossLayerTranscoder:
+    """The per-layer transcoders, or the cross-layer transcoder, checked against the model."""
+    if isinstance(transcoders, (TranscoderSet, HookedCrossLayerTranscoder)) and (
             (transcoders.feature_input_hook, transcoders.feature_output_hook) != (DEFAULT_INPUT_HOOK,
                                                                                   DEFAULT_OUTPUT_HOOK)):
         raise ValueError(f"transcoders: read {transcoders.feature_input_hook!r} and write "
                          f"{transcoders.feature_output_hook!r}; only {DEFAULT_INPUT_HOOK!r} -> "
                          f"{DEFAULT_OUTPUT_HOOK!r} (the MLP's input and output) is supported yet")
+    if isinstance(transcoders, HookedCrossLayerTranscoder):
+        transcoders = transcoders.transcoder
+    if isinstance(transcoders, CrossLayerTranscoder):
+        if transcoders.config["num_layers"] != n_layers:
+            raise ValueError(f"transcoders: a cross-layer transcoder of {transcoders.config['num_layers']} layers "
+                             f"for a model of {n_layers} layers")
+        return transcoders
     layers = list(transcoders)
     if len(layers) != n_layers:
         raise ValueError(f"transcoders: {len(layers)} given for a model of {n_layers} layers")
@@ -179,7 +211,14 @@ def _frozen_attention_hooks(model) -> list:
     return hooks
 
 
-def _frozen_forward(model, tokens: torch.Tensor, per_layer: list[Transcoder]):
+def _skip_weights(transcoders: list[Transcoder] | CrossLayerTranscoder) -> list[torch.Tensor | None]:
+    """Each layer's linear skip ``W_skip`` (None: none; a cross-layer transcoder has none)."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return [None] * transcoders.config["num_layers"]
+    return [transcoder.W_skip for transcoder in transcoders]
+
+
+def _frozen_forward(model, tokens: torch.Tensor, skip_weights: list[torch.Tensor | None]):
     """One forward pass of the local replacement model's linear skeleton.
 
     Returns the logits, the MLP inputs (attached to the graph), the MLP outputs
@@ -188,7 +227,7 @@ def _frozen_forward(model, tokens: torch.Tensor, per_layer: list[Transcoder]):
     output is ``leaf + skip(x) - skip(x).detach()``), the token embeddings (a
     leaf) and the unembedding's input (attached).
     """
-    n_layers = len(per_layer)
+    n_layers = len(skip_weights)
     mlp_inputs: list[torch.Tensor | None] = [None] * n_layers
     mlp_outputs: list[torch.Tensor | None] = [None] * n_layers
     leaves: dict[str, torch.Tensor] = {}
@@ -202,9 +241,9 @@ def _frozen_forward(model, tokens: torch.Tensor, per_layer: list[Transcoder]):
 
     def cut_output(acts, hook, layer):
         mlp_outputs[layer] = acts.detach().requires_grad_()
-        if per_layer[layer].W_skip is None:
+        if skip_weights[layer] is None:
             return mlp_outputs[layer]
-        skip = mlp_inputs[layer] @ per_layer[layer].W_skip.T
+        skip = mlp_inputs[layer] @ skip_weights[layer].T
         return mlp_outputs[layer] + (skip - skip.detach())
 
     def cut_embedding(acts, hook):
@@ -226,26 +265,67 @@ def _frozen_forward(model, tokens: torch.Tensor, per_layer: list[Transcoder]):
     return logits[0, -1].detach(), mlp_inputs, mlp_outputs, leaves["embedding"], leaves["unembedding_input"]
 
 
-def _layer_code(transcoder: Transcoder, mlp_input: torch.Tensor, mlp_output: torch.Tensor) -> _LayerCode:
-    """The active features of one layer, sorted by (position, latent), BOS's zeroed."""
+def _layer_code(values: torch.Tensor, indices: torch.Tensor, num_latents: int, errors: torch.Tensor,
+                decoders: torch.Tensor, W_enc: torch.Tensor) -> _LayerCode:
+    """The active features of one layer's code ``(values, indices) [n_pos, k]``
+    (BOS's already zeroed), sorted by (position, latent), with their encoder
+    rows and their activations times their decoder rows ``decoders [M, outputs, d]``."""
     with torch.no_grad():
-        values, indices = transcoder.encode(mlp_input)
-        values = values.clone()
-        values[:_FIRST_POSITION] = 0
-        errors = mlp_output - transcoder.reconstruct(mlp_input, values, indices)
-        errors[:_FIRST_POSITION] = 0
         positions, slots = (values > 0).nonzero(as_tuple=True)
         latents = indices[positions, slots]
-        order = torch.argsort(positions * transcoder.num_latents + latents)
+        order = torch.argsort(positions * num_latents + latents)
         positions, latents, active = positions[order], latents[order], values[positions, slots][order]
-        per_position = torch.bincount(positions, minlength=mlp_input.shape[0])
+        n_pos = values.shape[0]
+        per_position = torch.bincount(positions, minlength=n_pos)
         first_of_position = torch.cumsum(per_position, 0) - per_position
         rank = torch.arange(positions.shape[0], device=positions.device) - first_of_position[positions]
         width = int(per_position.max())
-        feature_slots = positions.new_zeros(mlp_input.shape[0], width)
+        feature_slots = positions.new_zeros(n_pos, width)
         feature_slots[positions, rank] = torch.arange(positions.shape[0], device=positions.device)
-        return _LayerCode(positions, latents, active, active[:, None] * transcoder.W_dec[latents],
-                          transcoder.W_enc[latents], errors, feature_slots, positions * width + rank)
+        scaled_decoders = (active[:, None, None] * decoders[latents]).transpose(0, 1).contiguous()
+        return _LayerCode(positions, latents, active, scaled_decoders, W_enc[latents], errors, feature_slots,
+                          positions * width + rank)
+
+
+def _zero_bos(values: torch.Tensor) -> torch.Tensor:
+    values = values.clone()
+    values[:_FIRST_POSITION] = 0
+    return values
+
+
+def _per_layer_codes(per_layer: list[Transcoder], mlp_inputs: list[torch.Tensor],
+                     mlp_outputs: list[torch.Tensor]) -> list[_LayerCode]:
+    codes = []
+    with torch.no_grad():
+        for transcoder, x, y in zip(per_layer, mlp_inputs, mlp_outputs):
+            values, indices = transcoder.encode(x)
+            values = _zero_bos(values)
+            errors = _zero_bos(y - transcoder.reconstruct(x, values, indices))
+            codes.append(_layer_code(values, indices, transcoder.num_latents, errors, transcoder.W_dec[:, None],
+                                     transcoder.W_enc))
+    return codes
+
+
+def _cross_layer_codes(transcoder: CrossLayerTranscoder, mlp_inputs: list[torch.Tensor],
+                       mlp_outputs: list[torch.Tensor]) -> list[_LayerCode]:
+    """circuit-tracer's CrossLayerTranscoder.compute_attribution_components: each
+    layer's error is its MLP output less the decode of every layer's code (BOS's zeroed)."""
+    with torch.no_grad():
+        layer_codes = [(_zero_bos(values), indices) for values, indices in
+                       (transcoder.encode_layer(layer, x) for layer, x in enumerate(mlp_inputs))]
+        reconstructions = transcoder.decode(layer_codes)
+        return [_layer_code(values, indices, transcoder.num_latents, _zero_bos(y - reconstruction),
+                            transcoder.W_dec[layer], transcoder.W_enc[layer])
+                for layer, ((values, indices), y, reconstruction)
+                in enumerate(zip(layer_codes, mlp_outputs, reconstructions))]
+
+
+def _codes(transcoders: list[Transcoder] | CrossLayerTranscoder, mlp_inputs: list[torch.Tensor],
+           mlp_outputs: list[torch.Tensor]) -> list[_LayerCode]:
+    """Every layer's active features and errors on the prompt (MLP inputs and outputs ``[n_pos, d]``)."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return _cross_layer_codes(transcoders, mlp_inputs, mlp_outputs)
+    return _per_layer_codes(transcoders, mlp_inputs, mlp_outputs)
 
 
 def _salient_logits(final_logits: torch.Tensor, W_U: torch.Tensor, max_n_logits: int, desired_logit_prob: float):
@@ -300,6 +380,23 @@ def _targets(codes: list[_LayerCode], logit_vectors: torch.Tensor, n_pos: int) -
     return _Targets(sites, positions, nodes, logit_vectors, [code.encoders for code in codes], starts)
 
 
+def _feature_edges(output_gradients: list[torch.Tensor], layer: int, code: _LayerCode) -> torch.Tensor:
+    """``[rows, n]``: each target's edge from each feature of `layer`, summed over
+    the MLP outputs the feature writes to (layer, layer + 1, ... for a cross-layer
+    transcoder) that lie below the targets' site (``output_gradients``
+    ``[rows, n_pos, d]``, one per such layer), each output's gradient dotted with
+    the scaled decoders of the features at that position only (a sampled
+    dense-dense product, not a ``[rows, features, d]`` gather)."""
+    edges = None
+    for gradient, scaled_decoders in zip(output_gradients[layer:], code.scaled_decoders):
+        size = gradient.shape[0]
+        dots = torch.ops.interpkernels.gathered_dot(gradient.reshape(-1, gradient.shape[-1]),
+                                                    code.slots.repeat(size, 1), scaled_decoders)
+        dots = dots.view(size, -1)[:, code.position_slots]
+        edges = dots if edges is None else edges.add_(dots)
+    return edges
+
+
 def _edges_into_block(block: torch.Tensor, gradients, codes: list[_LayerCode], feature_starts: list[int],
                       token_vectors: torch.Tensor) -> None:
     """Write the edges of one pass's targets into `block` ``[rows, sources]``
@@ -308,20 +405,15 @@ def _edges_into_block(block: torch.Tensor, gradients, codes: list[_LayerCode], f
     and at the token embeddings (``gradients[-1]``)."""
     n_features = sum(code.latents.shape[0] for code in codes)
     n_pos = token_vectors.shape[0]
-    for layer, gradient in enumerate(gradients[:-1]):
+    *output_gradients, embedding_gradient = [gradient[:, 0] for gradient in gradients]  # [rows, n_pos, d] each
+    for layer, gradient in enumerate(output_gradients):
         code = codes[layer]
-        gradient = gradient[:, 0]  # [rows, n_pos, d]
-        size = gradient.shape[0]
         start = feature_starts[layer]
-        # Each (target, position) row dotted with the scaled decoders of that position's
-        # features only (a sampled dense-dense product), not a [rows, features, d] gather.
-        dots = torch.ops.interpkernels.gathered_dot(gradient.reshape(-1, gradient.shape[-1]),
-                                                    code.slots.repeat(size, 1), code.scaled_decoders)
-        block[:, start:start + code.latents.shape[0]] = dots.view(size, -1)[:, code.position_slots]
+        block[:, start:start + code.latents.shape[0]] = _feature_edges(output_gradients, layer, code)
         errors = n_features + layer * n_pos
         block[:, errors:errors + n_pos] = torch.einsum("bpd,pd->bp", gradient, code.errors)
     tokens = n_features + len(codes) * n_pos
-    block[:, tokens:tokens + n_pos] = torch.einsum("bpd,pd->bp", gradients[-1][:, 0], token_vectors)
+    block[:, tokens:tokens + n_pos] = torch.einsum("bpd,pd->bp", embedding_gradient, token_vectors)
 
 
 def mass_thresholds(magnitudes: torch.Tensor, share: float) -> torch.Tensor:
@@ -546,13 +638,17 @@ def _feature_schedule(store: _RowStore, logit_probabilities: torch.Tensor, n_fea
             yield batch
 
 
-def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], tokens: torch.Tensor, *,
+def attribution_graph(model, transcoders: Transcoders, tokens: torch.Tensor, *,
                       max_n_logits: int = 10, desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None,
-                      batch_size: int = 64, update_interval: int = 4, edge_mass: float = 1.0) -> AttributionGraph:
+                      batch_size: int = 64, update_interval: int = 4, edge_mass: float = 1.0,
+                      progress: bool = True) -> AttributionGraph:
     """The attribution graph of `tokens` (1-D, BOS first) on a TransformerLens
     ``HookedTransformer`` (tested: GPT-2 style, LayerNorm and learned
     positions; Llama style, RMSNorm, rotary and gated MLP) with one
-    per-layer transcoder per layer (with or without a skip connection), reading the MLP's
+    per-layer transcoder per layer (JumpReLU, ReLU or top-k, with or without a
+    skip connection), or one cross-layer transcoder (a
+    ``CrossLayerTranscoder`` or ``JumpReLUCrossLayerTranscoder``, as is or in a
+    ``HookedCrossLayerTranscoder``), reading the MLP's
     input and writing its output; equal to circuit-tracer 0.5.0's
     ``attribute(tokens, ReplacementModel(model, transcoders),
     max_n_logits=..., desired_logit_prob=..., batch_size=...,
@@ -570,11 +666,16 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
     the row's absolute sum (1: every edge, the exact graph), pruned as each
     row is computed, by selection rather than a sort of the row.
 
+    progress: the rows done, on stderr (interpkernels._progress.Progress;
+    False: silent).
+
     A transcoder's code is used as it encodes: give JumpReLU transcoders
     ``k = num_latents`` (load_transcoders' default) to keep every active latent.
+    A top-k code here is the k largest of ``relu(pre)``; circuit-tracer's
+    keeps negative pre-activations among the k largest (see load_transcoders).
     """
     n_layers = model.cfg.n_layers
-    per_layer = _check_transcoders(transcoders, n_layers)
+    checked = _check_transcoders(transcoders, n_layers)
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1 or tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"tokens: expected a 1-D int64 or int32 tensor, got {tokens!r:.80}")
     for name, value in (("batch_size", batch_size), ("update_interval", update_interval)):
@@ -586,9 +687,9 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
         raise ValueError(f"edge_mass: expected a share in (0, 1], got {edge_mass!r}")
     n_pos = tokens.shape[0]
 
-    final_logits, mlp_inputs, mlp_outputs, embedding, unembedding_input = _frozen_forward(model, tokens, per_layer)
-    codes = [_layer_code(transcoder, mlp_inputs[layer][0].detach(), mlp_outputs[layer][0].detach())
-             for layer, transcoder in enumerate(per_layer)]
+    final_logits, mlp_inputs, mlp_outputs, embedding, unembedding_input = _frozen_forward(
+        model, tokens, _skip_weights(checked))
+    codes = _codes(checked, [x[0].detach() for x in mlp_inputs], [y[0].detach() for y in mlp_outputs])
     logit_tokens, logit_probabilities, logit_vectors = _salient_logits(
         final_logits, model.W_U, max_n_logits, desired_logit_prob)
     logit_probabilities = logit_probabilities.detach()
@@ -621,13 +722,12 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
                 del gradients, seed
                 store.add(targets.nodes[members], block, edge_mass)
 
-    # Long graphs show their rows' progress (a bar on a terminal, lines in a log).
-    progress = Progress(n_logits + n_selected, "row", enabled=n_logits + n_selected > 16 * batch_size)
+    bar = Progress(n_logits + n_selected, "row", progress)
 
     def advance(rows: int) -> None:
-        progress.advance(rows)
-        if progress.due():
-            progress.show("attribution graph", f"{progress.done}/{progress.total} rows, {store.n_edges:,} edges")
+        bar.advance(rows)
+        if bar.due():
+            bar.show(f"attributed {bar.done:,} of {bar.total:,} rows", f"{store.n_edges:,} edges")
 
     try:
         for start in range(0, n_logits, batch_size):
@@ -639,7 +739,7 @@ def attribution_graph(model, transcoders: TranscoderSet | Sequence[Transcoder], 
             compute_rows(n_logits + features)
             advance(features.shape[0])
     finally:
-        progress.close()
+        bar.close()
 
     # Logit rows' nodes come after every feature's, so the first n_selected are the features.
     selected_features = store.row_nodes.sort().values[:n_selected].cpu()

@@ -1,5 +1,6 @@
-"""An attribution graph in circuit-tracer 0.5.0's files: its frontend's JSON
-and its ``Graph.to_pt`` file.
+"""An attribution graph in circuit-tracer 0.5.0's files, its frontend's JSON
+and its ``Graph.to_pt`` file, and as its ``Graph`` object where circuit-tracer
+imports (:func:`circuit_tracer_graph`).
 
 The JSON is what ``circuit_tracer.utils.create_graph_files`` writes (the
 pydantic models of ``circuit_tracer/frontend/graph_models.py``: ``metadata``,
@@ -8,9 +9,9 @@ their local server and Neuronpedia's viewer open it.
 
 The ``.pt`` file is what ``Graph.to_pt`` writes and ``Graph.from_pt`` reads: a
 pickled dict of their ``Graph``'s constructor arguments. Their ``Graph`` itself
-cannot be built here (circuit-tracer pins transformers and transformer-lens
-versions older than this environment's, so it is installed apart), and a
-pickle of their classes needs them importable; the file holds plain types
+cannot be built where circuit-tracer does not import (it pins transformers and
+transformer-lens versions older than the peers', so it is usually installed
+apart), and a pickle of their classes needs them importable; the file holds plain types
 only, which their ``Graph.__init__`` converts back: ``logit_targets`` as a
 tensor of token ids (``from_pt``'s legacy form: ``LogitTarget(token_str="",
 vocab_idx)``, the token strings do not survive) and ``cfg`` as an object whose
@@ -65,7 +66,8 @@ def _nodes(graph, node_mask: torch.Tensor, cumulative_scores: torch.Tensor, toke
                                  f"E_{token}-{position}", influence=influence[index])
         else:
             rank = index - token_end
-            token, probability, layer = int(graph.logit_tokens[rank]), graph.logit_probabilities[rank].item(), str(n_layers + 1)
+            token, probability = int(graph.logit_tokens[rank]), graph.logit_probabilities[rank].item()
+            layer = str(n_layers + 1)
             # Logit nodes carry no influence in theirs (Node.logit_node takes none).
             nodes[index] = _node(f"{layer}_{token}_{n_pos - 1}", token, layer, n_pos - 1, "logit",
                                  f"L_{token}-{n_pos - 1}", token_prob=probability, is_target_logit=rank == 0,
@@ -127,17 +129,20 @@ _UNIFIED_CONFIG_FIELDS = ("n_layers", "d_model", "d_head", "n_heads", "d_mlp", "
                           "model_name", "original_architecture", "n_key_value_heads", "dtype")
 
 
-def save_circuit_tracer_graph(graph, path: str | os.PathLike, model, tokenizer=None, *,
-                              scan: str | list[str] | None = None) -> None:
-    """Write what circuit-tracer's ``Graph.to_pt`` writes for this graph (its
-    dense adjacency included); ``Graph.from_pt(path)`` opens it. `model`: the
-    HookedTransformer the graph was computed on (its config);
-    `tokenizer` (default ``model.tokenizer``) decodes the prompt."""
+def _tokenizer(model, tokenizer):
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("tokenizer: the model has none; pass the tokenizer that decodes the prompt")
+    return tokenizer
+
+
+def _graph_arguments(graph, model, tokenizer, scan) -> dict:
+    """Their ``Graph``'s constructor arguments for this graph, as their
+    ``attribute()`` passes them (its dense adjacency included), of builtin
+    types and tensors only: ``logit_targets`` as the token ids, ``cfg`` as an
+    object whose ``to_dict()`` gives the fields their ``UnifiedConfig`` reads."""
     config = {name: getattr(model.cfg, name, None) for name in _UNIFIED_CONFIG_FIELDS}
-    torch.save({
+    return {
         "input_string": tokenizer.decode(graph.tokens.tolist()),
         "adjacency_matrix": graph.adjacency.to_dense(),
         # An object with UnifiedConfig's to_dict(), of builtin types only, so it unpickles without interpkernels.
@@ -145,9 +150,40 @@ def save_circuit_tracer_graph(graph, path: str | os.PathLike, model, tokenizer=N
         "active_features": graph.active_features,
         "logit_targets": graph.logit_tokens,
         "logit_probabilities": graph.logit_probabilities,
-        "vocab_size": model.cfg.d_vocab,
+        # Their attribute() takes the tokenizer's (AttributionTargets.vocab_size), not the model's d_vocab.
+        "vocab_size": tokenizer.vocab_size,
         "input_tokens": graph.tokens,
         "selected_features": graph.selected_features,
         "activation_values": graph.activation_values,
         "scan": scan,
-    }, os.fspath(path))
+    }
+
+
+def save_circuit_tracer_graph(graph, path: str | os.PathLike, model, tokenizer=None, *,
+                              scan: str | list[str] | None = None) -> None:
+    """Write what circuit-tracer's ``Graph.to_pt`` writes for this graph (its
+    dense adjacency included); ``Graph.from_pt(path)`` opens it. `model`: the
+    HookedTransformer the graph was computed on (its config);
+    `tokenizer` (default ``model.tokenizer``) decodes the prompt."""
+    torch.save(_graph_arguments(graph, model, _tokenizer(model, tokenizer), scan), os.fspath(path))
+
+
+def circuit_tracer_graph(graph, model, tokenizer=None, *, scan: str | list[str] | None = None):
+    """circuit-tracer's ``Graph`` of this graph, as their ``attribute()`` builds
+    it: their ``LogitTarget`` (token string, id) per logit. Needs circuit-tracer
+    importable (in its own environment, where interpkernels is linked in:
+    setup_helpers/circuit-tracer-env.sh); elsewhere :func:`save_circuit_tracer_graph`
+    writes the file their ``Graph.from_pt`` opens. Arguments as there."""
+    try:
+        from circuit_tracer.attribution.targets import LogitTarget
+        from circuit_tracer.graph import Graph
+    except ImportError as error:
+        raise ImportError("to_circuit_tracer needs circuit-tracer importable (it pins transformers and "
+                          "transformer-lens older than interpkernels' peers, so it usually lives in its own "
+                          "environment: setup_helpers/circuit-tracer-env.sh); elsewhere "
+                          "to_circuit_tracer_file writes the .pt its Graph.from_pt opens") from error
+    tokenizer = _tokenizer(model, tokenizer)
+    arguments = _graph_arguments(graph, model, tokenizer, scan)
+    arguments["logit_targets"] = [LogitTarget(token_str=tokenizer.decode(token), vocab_idx=token)
+                                  for token in graph.logit_tokens.tolist()]
+    return Graph(**arguments)

@@ -1,4 +1,6 @@
-"""Drop-in adapters that run popular SAE libraries on interpkernels' fused ops.
+"""Drop-in adapters that run popular SAE libraries on interpkernels' fused ops,
+and circuit-tracer's ``attribute()`` on interpkernels' graph engine
+(:mod:`interpkernels.integrations.circuit_tracer`, its own docstring).
 
 One module per library, each in Liger-Kernel's ``apply_*`` style:
 
@@ -57,8 +59,8 @@ from typing import Any
 
 from interpkernels.integrations._patching import accelerate, revert
 
-__all__ = ["accelerate", "revert", "sparsify", "saelens", "dictionary_learning"]
-_SUBMODULES = ("sparsify", "saelens", "dictionary_learning")
+__all__ = ["accelerate", "revert", "sparsify", "saelens", "dictionary_learning", "circuit_tracer"]
+_SUBMODULES = ("sparsify", "saelens", "dictionary_learning", "circuit_tracer")
 
 
 def __getattr__(name: str) -> Any:
