@@ -249,8 +249,7 @@ def signed_effects(graph, logit_index: int) -> torch.Tensor:
     pre-activation while it stays active, so this is the linear effect of
     removing the source). Sparse, n_layers + 1 rounds (features only read
     earlier layers)."""
-    rows, columns = graph.adjacency.indices()
-    values = graph.adjacency.values()
+    rows, columns, values = graph.edges()
     n_features = graph.n_features
     sensitivity = values.new_zeros(graph.adjacency.shape[0])
     effects = values.new_zeros(graph.adjacency.shape[0])
@@ -267,9 +266,9 @@ def effect_routes(graph, logit_index: int, source: int) -> dict[str, float]:
     its first edge: straight into the logit, or into the features of layer l
     (and on from there)."""
     effects = signed_effects(graph, logit_index)
-    rows, columns = graph.adjacency.indices()
+    rows, columns, values = graph.edges()
     first = columns == source
-    targets, values = rows[first], graph.adjacency.values()[first]
+    targets, values = rows[first], values[first]
     routes = {"direct": float(values[targets == graph.logit_node(logit_index)].sum())}
     into_features = targets < graph.n_features
     for layer in range(graph.n_layers):
@@ -440,7 +439,7 @@ def analyse(config: Config, model, transcoders, seed: int, timings: dict, log=pr
                            "it has not learned induction")
     one_hot = pruning.logit_weights(graph).zero_()
     one_hot[graph.logit_node(b_logit)] = 1.0
-    influence = pruning.influence(pruning.row_normalized(graph.adjacency), one_hot)
+    influence = pruning.influence(graph.adjacency, one_hot)
     token_nodes = torch.arange(graph.token_node(0), graph.token_node(0) + tokens.shape[0])
     b_node = graph.token_node(b_position)
     influence_share = float(influence[b_node] / influence[token_nodes].sum())

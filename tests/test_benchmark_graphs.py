@@ -43,6 +43,17 @@ def test_both_tools_build_the_same_graph(tmp_path):
     assert by_key["interpkernels", 12]["status"] == "ok"
 
 
+def test_max_feature_nodes_and_edge_mass_reach_the_graph(tmp_path):
+    rows = graphs.main(["--tokens", "12", "--tools", "interpkernels", *TINY, "--max-feature-nodes", "10",
+                        "--edge-mass", "0.5", "--csv", str(tmp_path / "graphs.csv")])
+    exact = graphs.main(["--tokens", "12", "--tools", "interpkernels", *TINY, "--max-feature-nodes", "10",
+                         "--csv", str(tmp_path / "exact.csv")])
+    assert rows[0]["status"] == exact[0]["status"] == "ok"
+    assert rows[0]["rows"] == exact[0]["rows"] == 10 < rows[0]["features"] == exact[0]["features"]
+    assert (rows[0]["max_feature_nodes"], rows[0]["edge_mass"], exact[0]["edge_mass"]) == (10, 0.5, 1.0)
+    assert 0 < rows[0]["edges"] < exact[0]["edges"]
+
+
 def test_a_run_past_its_time_limit_is_stopped_and_still_reports_its_peak(tmp_path):
     # One second does not reach the graph (importing torch alone takes longer here).
     rows = graphs.main(["--tokens", "8", "--tools", "interpkernels", *TINY, "--time-limit", "1",

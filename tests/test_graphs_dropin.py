@@ -6,7 +6,8 @@ in circuit-tracer's environment where both import
 (adjacency within 1e-4 of the largest edge in float32, 1e-12 in float64;
 features, logits, probabilities, activations, tokens, strings, config), their
 prune_graph and compute_graph_scores on it, and their create_graph_files'
-JSON of it, on the random cases of tests/test_graphs_attribution.py.
+JSON of it, on the random cases of tests/test_graphs_attribution.py, one of
+them with max_feature_nodes and update_interval set.
 """
 
 import json
@@ -17,7 +18,7 @@ import pytest
 import torch
 from circuit_tracer_env import DROPIN_SIDE_SCRIPT, run_circuit_tracer
 from safetensors.torch import load_file
-from test_graphs_attribution import TOKENS, random_case, write_case
+from test_graphs_attribution import OPTIONS, PARTIAL, TOKENS, random_case, write_case
 from test_graphs_export import THRESHOLDS, assert_same_frontend_graph, assert_same_tensors
 
 from interpkernels.graphs import attribution_graph
@@ -25,13 +26,18 @@ from interpkernels.graphs.transcoders import THRESHOLD_KEY, transcoder_from_tens
 from interpkernels.integrations import circuit_tracer as dropin
 
 # A text prompt, tokenized by their ensure_tokenized (which puts the pad token,
-# the last id, first), through a lazily loaded decoder; and ids that start with
-# BOS (kept as they are), through resident weights with a skip connection.
+# the last id, first), through a lazily loaded decoder; ids that start with
+# BOS (kept as they are), through resident weights with a skip connection; and
+# max_feature_nodes with update_interval passed on (their re-ranked schedule).
+# (architecture, dtype, transcoder kind, the side's dropin settings, attribute() keywords)
 CASES = {
-    "gpt2-float32-text-lazy": ("gpt2", torch.float32, False,
-                               dict(prompt="w5 w9 w3 w17 w5 w2", text_prompts=True, lazy_decoder=True)),
-    "llama-float64-ids-skip": ("llama", torch.float64, True,
-                               dict(prompt=TOKENS.tolist(), text_prompts=False, lazy_decoder=False)),
+    "gpt2-float32-text-lazy": ("gpt2", torch.float32, "plain",
+                               dict(prompt="w5 w9 w3 w17 w5 w2", text_prompts=True, lazy_decoder=True), OPTIONS),
+    "llama-float64-ids-skip": ("llama", torch.float64, "skip",
+                               dict(prompt=TOKENS.tolist(), text_prompts=False, lazy_decoder=False), OPTIONS),
+    "gpt2-float64-ids-max-feature-nodes": ("gpt2", torch.float64, "plain",
+                                           dict(prompt=TOKENS.tolist(), text_prompts=False, lazy_decoder=False),
+                                           PARTIAL),
 }
 PAD = 23  # the text-prompt tokenizer's pad token (circuit_tracer_side.word_level_tokenizer)
 
@@ -40,9 +46,9 @@ PAD = 23  # the text-prompt tokenizer's pad token (circuit_tracer_side.word_leve
 def dropin_graphs(tmp_path_factory) -> dict:
     """Each case's folder after circuit_tracer_dropin_side.py, all cases in one run."""
     folders = {}
-    for name, (architecture, dtype, skip, settings) in CASES.items():
+    for name, (architecture, dtype, kind, settings, options) in CASES.items():
         folder = folders[name] = tmp_path_factory.mktemp(f"dropin-{name}")
-        write_case(folder, architecture, dtype, skip, frontend=THRESHOLDS, dropin=settings)
+        write_case(folder, architecture, dtype, kind, frontend=THRESHOLDS, dropin=settings, attribute=options)
     run_circuit_tracer(*folders.values(), script=DROPIN_SIDE_SCRIPT, with_interpkernels=True)
     return folders
 
@@ -58,6 +64,8 @@ def test_graph_equals_their_attribute(case, dropin_graphs):
     ours, theirs = tensors["ours.adjacency_matrix"], tensors["theirs.adjacency_matrix"]
     assert ((theirs != 0) & (ours == 0)).sum() == 0 and (theirs != 0).sum() > 500
     assert tensors["ours.active_features"].shape[0] > 20
+    if "max_feature_nodes" in CASES[case][4]:  # their schedule's features, not all
+        assert tensors["theirs.selected_features"].shape[0] == PARTIAL["max_feature_nodes"]
     # The text is TOKENS after their BOS: their ensure_tokenized puts the pad token there instead.
     want_tokens = [PAD] + TOKENS[1:].tolist() if isinstance(CASES[case][3]["prompt"], str) else TOKENS.tolist()
     assert tensors["theirs.input_tokens"].tolist() == want_tokens

@@ -275,7 +275,8 @@ def test_save_refuses_what_circuit_tracer_cannot_hold(tmp_path):
     with pytest.raises(TypeError, match=r"transcoders\[1\]: expected a JumpReLUTranscoder, got Transcoder .*"
                                         "would open a top-k one as ReLU"):
         save_transcoders([good[0], Transcoder(D, M, 4, seed=0)], tmp_path)
-    with pytest.raises(TypeError, match="transcoders: expected a JumpReLUCrossLayerTranscoder, got CrossLayerTranscoder"):
+    with pytest.raises(TypeError,
+                       match="transcoders: expected a JumpReLUCrossLayerTranscoder, got CrossLayerTranscoder"):
         save_transcoders(CrossLayerTranscoder(L, D, M, 4, seed=0), tmp_path)
     with pytest.raises(ValueError, match=r"transcoders\[0\]: maps 8 to 5"):
         save_transcoders([JumpReLUTranscoder(D, M, M, d_out=5, seed=0)], tmp_path)

@@ -1,11 +1,14 @@
 """Attribution graphs against prompt length: interpkernels.graphs and circuit-tracer 0.5.0.
 
-    python -m interpkernels.benchmarks.graphs --tokens 32 64 128 256 --circuit-tracer-max-tokens 128
+    python -m interpkernels.benchmarks.graphs --tokens 32 64 128
+    python -m interpkernels.benchmarks.graphs --tokens 1024 --max-feature-nodes 8192 --memory-limit-gib 20
 
 Issue 17's setup by default: a GPT-2-style model (4 layers, d=128), random
 per-layer JumpReLU transcoders with 2048 latents whose thresholds let about 32
 latents per token per layer fire, batch 64, attribute then prune at
-(0.8, 0.98). One random model and one random prompt (the first n tokens of
+(0.8, 0.98); --max-feature-nodes limits the rows (both tools, circuit-tracer's
+influence-ordered choice), --edge-mass prunes our rows as they are computed
+(ours only). One random model and one random prompt (the first n tokens of
 it for each length) serve both tools. Every measurement runs in a fresh
 subprocess, one thread, so its peak RSS (``ru_maxrss``, which includes the
 interpreter, torch and the model) is that graph's alone; circuit-tracer runs
@@ -35,13 +38,14 @@ import torch
 TOOLS = ("interpkernels", "circuit-tracer")
 CIRCUIT_TRACER_SIDE = Path(__file__).with_name("graphs_circuit_tracer.py")
 GIB = 2**30
-FIELDS = ["tool", "tokens", "status", "attribute_s", "prune_s", "total_s", "peak_rss_gib", "features", "edges",
-          "pruned_nodes", "pruned_edges", "load_average_1min", "threads", "layers", "d_model", "latents",
-          "active_per_token", "batch_size"]
+FIELDS = ["tool", "tokens", "status", "attribute_s", "prune_s", "total_s", "peak_rss_gib", "features", "rows",
+          "edges", "pruned_nodes", "pruned_edges", "load_average_1min", "threads", "layers", "d_model", "latents",
+          "active_per_token", "batch_size", "max_feature_nodes", "edge_mass"]
 
 
 def write_case(folder: Path, *, layers: int, d_model: int, latents: int, active: int, max_tokens: int,
-               batch_size: int, threads: int, seed: int = 0) -> None:
+               batch_size: int, threads: int, max_feature_nodes: int | None = None, edge_mass: float = 1.0,
+               seed: int = 0) -> None:
     """A random GPT-2-style model and random JumpReLU transcoders in the files
     both tools read. Each layer's thresholds are one value: the quantile of its
     pre-activations on the prompt at which `active` of `latents` fire per token."""
@@ -75,8 +79,10 @@ def write_case(folder: Path, *, layers: int, d_model: int, latents: int, active:
     save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, folder / "model.safetensors")
     save_file({"tokens": tokens}, folder / "all_tokens.safetensors")
     (folder / "config.json").write_text(json.dumps(
-        {**config, "threads": threads, "attribute": dict(max_n_logits=10, desired_logit_prob=0.95, batch_size=batch_size),
-         "prune": dict(node_threshold=0.8, edge_threshold=0.98)}))
+        {**config, "threads": threads,
+         "attribute": dict(max_n_logits=10, desired_logit_prob=0.95, batch_size=batch_size,
+                           max_feature_nodes=max_feature_nodes),
+         "interpkernels": dict(edge_mass=edge_mass), "prune": dict(node_threshold=0.8, edge_threshold=0.98)}))
 
 
 def prompt_folder(case: Path, n_tokens: int) -> Path:
@@ -104,6 +110,7 @@ def measure_interpkernels(folder: str) -> dict:
     config = json.loads((folder / "config.json").read_text())
     torch.set_num_threads(config.pop("threads"))
     attribute_options, prune_options = config.pop("attribute"), config.pop("prune")
+    attribute_options |= config.pop("interpkernels")
     model = transformer_lens.HookedTransformer(transformer_lens.HookedTransformerConfig(**config, device="cpu"))
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
     transcoders = load_transcoders(folder / "transcoders")
@@ -116,7 +123,8 @@ def measure_interpkernels(folder: str) -> dict:
     pruned_at = time.perf_counter()
     peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"attribute_s": attributed - start, "prune_s": pruned_at - attributed, "peak_rss_bytes": peak_rss_bytes,
-            "features": graph.n_features, "edges": int(torch.count_nonzero(graph.adjacency.coalesce().values())),
+            "features": graph.active_features.shape[0], "rows": graph.n_features,
+            "edges": int(torch.count_nonzero(graph.adjacency.values())),
             "pruned_nodes": int(pruned.node_mask.sum()), "pruned_edges": int(pruned.edges._nnz())}
 
 
@@ -169,17 +177,18 @@ def run_one(tool: str, folder: Path, circuit_tracer_python: Path, time_limit_s: 
 
 
 def run(tokens: list[int], tools: list[str], *, layers: int, d_model: int, latents: int, active: int,
-        batch_size: int, threads: int, circuit_tracer_python: Path, circuit_tracer_max_tokens: int | None,
-        time_limit_s: float, memory_limit_gib: float | None, log=lambda rows: print(format_row(rows[-1]))
-        ) -> list[dict]:
+        batch_size: int, threads: int, max_feature_nodes: int | None, edge_mass: float,
+        circuit_tracer_python: Path, circuit_tracer_max_tokens: int | None, time_limit_s: float,
+        memory_limit_gib: float | None, log=lambda rows: print(format_row(rows[-1]))) -> list[dict]:
     """One row per (tokens, tool), lengths in order and the tools interleaved at each;
     log(rows so far) after each."""
-    shape = dict(layers=layers, d_model=d_model, latents=latents, active_per_token=active, batch_size=batch_size)
+    shape = dict(layers=layers, d_model=d_model, latents=latents, active_per_token=active, batch_size=batch_size,
+                 max_feature_nodes=max_feature_nodes)
     rows = []
     with tempfile.TemporaryDirectory(prefix="graph-bench-") as directory:
         case = Path(directory)
         write_case(case, layers=layers, d_model=d_model, latents=latents, active=active, max_tokens=max(tokens),
-                   batch_size=batch_size, threads=threads)
+                   batch_size=batch_size, threads=threads, max_feature_nodes=max_feature_nodes, edge_mass=edge_mass)
         for n_tokens in tokens:
             folder = prompt_folder(case, n_tokens)
             for tool in tools:
@@ -191,6 +200,7 @@ def run(tokens: list[int], tools: list[str], *, layers: int, d_model: int, laten
                     load = os.getloadavg()[0]
                     result = run_one(tool, folder, circuit_tracer_python, time_limit_s, memory_limit_gib)
                 row = {"tool": tool, "tokens": n_tokens, "load_average_1min": load, "threads": threads, **shape,
+                       "edge_mass": edge_mass if tool == "interpkernels" else None,
                        **{key: value for key, value in result.items() if key != "peak_rss_bytes"}}
                 if "peak_rss_bytes" in result:
                     row["peak_rss_gib"] = result["peak_rss_bytes"] / GIB
@@ -207,6 +217,7 @@ def format_row(row: dict) -> str:
         return f"{row['tool']:>15} {row['tokens']:>6} tokens: {row['status']}{peak}"
     return (f"{row['tool']:>15} {row['tokens']:>6} tokens: attribute {row['attribute_s']:8.2f} s, prune "
             f"{row['prune_s']:7.2f} s, peak RSS {row['peak_rss_gib']:6.2f} GiB, {row['features']} features, "
+            f"{row.get('rows')} rows, "
             f"{row['edges']} edges, pruned to {row['pruned_nodes']} nodes (load {row['load_average_1min']:.2f})")
 
 
@@ -258,6 +269,10 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     parser.add_argument("--latents", type=int, default=2048)
     parser.add_argument("--active", type=int, default=32, help="latents firing per token per layer")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-feature-nodes", type=int, default=None,
+                        help="feature rows computed (both tools; circuit-tracer's influence-ordered choice)")
+    parser.add_argument("--edge-mass", type=float, default=1.0,
+                        help="interpkernels only: share of each row's absolute mass its kept edges hold (1: exact)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--circuit-tracer-python", type=Path,
                         default=Path(os.environ.get("INTERPKERNELS_CIRCUIT_TRACER_VENV", ".venv-circuit-tracer"))
@@ -288,6 +303,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
 
     rows = run(sorted(args.tokens), args.tools, layers=args.layers, d_model=args.d_model, latents=args.latents,
                active=args.active, batch_size=args.batch_size, threads=args.threads,
+               max_feature_nodes=args.max_feature_nodes, edge_mass=args.edge_mass,
                circuit_tracer_python=args.circuit_tracer_python.absolute(),
                circuit_tracer_max_tokens=args.circuit_tracer_max_tokens, time_limit_s=args.time_limit,
                memory_limit_gib=args.memory_limit_gib, log=record)

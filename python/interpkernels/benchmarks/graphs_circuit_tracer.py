@@ -43,6 +43,7 @@ def measure(folder: str) -> dict:
     config = json.loads(open(f"{folder}/config.json").read())
     torch.set_num_threads(config.pop("threads"))
     attribute_options, prune_options = config.pop("attribute"), config.pop("prune")
+    config.pop("interpkernels", None)  # options of interpkernels' side only
     transcoders, _ = load_transcoder_from_hub(f"{folder}/transcoders", device=torch.device("cpu"),
                                               dtype=torch.float32, lazy_decoder=False)
     model = ReplacementModel.from_config(HookedTransformerConfig(**config, dtype=torch.float32, device="cpu"),
@@ -62,7 +63,7 @@ def measure(folder: str) -> dict:
     pruned_at = time.perf_counter()
     peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"attribute_s": attributed - start, "prune_s": pruned_at - attributed, "peak_rss_bytes": peak_rss_bytes,
-            "features": int(graph.active_features.shape[0]),
+            "features": int(graph.active_features.shape[0]), "rows": int(graph.selected_features.shape[0]),
             "edges": int(torch.count_nonzero(graph.adjacency_matrix)),
             "pruned_nodes": int(pruned.node_mask.sum()), "pruned_edges": int(pruned.edge_mask.sum())}
 

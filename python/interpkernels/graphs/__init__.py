@@ -7,7 +7,10 @@
 - :func:`attribution_graph`: circuit-tracer's graph of a prompt (unpruned;
   ``.prune()`` and ``.scores()`` as theirs) on a
   TransformerLens model (GPT-2 or Llama style) with per-layer transcoders
-  (JumpReLU, ReLU or top-k, optional skip) or a cross-layer transcoder;
+  (JumpReLU, ReLU or top-k, optional skip) or a cross-layer transcoder,
+  every feature's row or circuit-tracer's ``max_feature_nodes`` selection,
+  each row exact or cut to ``edge_mass`` of its weight, in a sparse CSR
+  adjacency;
 - its files for circuit-tracer (:mod:`interpkernels.graphs.export`): their
   frontend's JSON (``AttributionGraph.save_json``) and their ``Graph.to_pt``
   file (``AttributionGraph.to_circuit_tracer_file``); their ``Graph`` object

@@ -66,7 +66,8 @@ def _nodes(graph, node_mask: torch.Tensor, cumulative_scores: torch.Tensor, toke
                                  f"E_{token}-{position}", influence=influence[index])
         else:
             rank = index - token_end
-            token, probability, layer = int(graph.logit_tokens[rank]), graph.logit_probabilities[rank].item(), str(n_layers + 1)
+            token, probability = int(graph.logit_tokens[rank]), graph.logit_probabilities[rank].item()
+            layer = str(n_layers + 1)
             # Logit nodes carry no influence in theirs (Node.logit_node takes none).
             nodes[index] = _node(f"{layer}_{token}_{n_pos - 1}", token, layer, n_pos - 1, "logit",
                                  f"L_{token}-{n_pos - 1}", token_prob=probability, is_target_logit=rank == 0,

@@ -14,10 +14,10 @@ taken as interpkernels transcoders over the same tensors
 loaded encoder or decoder is read from its file once, as their own code reads
 it), the ``ReplacementModel`` itself run as the ``HookedTransformer`` it is.
 
-Options the engine does not have raise ``NotImplementedError`` naming
-themselves: ``attribution_targets`` other than None (the salient logits),
-``offload``, ``max_feature_nodes`` (and ``update_interval``, which only acts
-with it) until the engine takes them; so do their nnsight backend,
+``max_feature_nodes`` and ``update_interval`` pass on to the engine, which
+schedules the rows as theirs does. Options the engine does not have raise
+``NotImplementedError`` naming themselves: ``attribution_targets`` other than
+None (the salient logits) and ``offload``; so do their nnsight backend,
 cross-layer transcoders, TopK or other activation functions than ReLU and
 JumpReLU, and Gemma-3-it's four zeroed positions. ``verbose`` shows the
 engine's progress instead of their log lines.
