@@ -23,7 +23,7 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +54,18 @@ def sentence_batches(tokenizer, sentences: list[str], batch_size: int = 16):
         yield dict(tokenizer(sentences[start:start + batch_size], padding=True, return_tensors="pt"))
 
 
+def mean_pooled(output, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The sentence embeddings: the last hidden states averaged over real tokens, as
+    sentence-transformers pools."""
+    weights = attention_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
+    return (output.last_hidden_state * weights).sum(1) / weights.sum(1)
+
+
 def cosine_metric(attention_mask: torch.Tensor):
     """cos of the two mean-pooled sentence embeddings (over real tokens only)."""
-    weights = attention_mask.unsqueeze(-1).float()
 
     def metric(output):
-        pooled = (output.last_hidden_state * weights).sum(1) / weights.sum(1)
+        pooled = mean_pooled(output, attention_mask)
         return torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=0)
 
     return metric
@@ -70,7 +76,7 @@ class TopLatent:
     latent: int
     score: float  # summed over tokens
     position: tuple[int, int]  # (sentence, token) of its largest |score|
-    tokens: list[str]  # the corpus tokens with its largest activations
+    tokens: list[str] = field(default_factory=list)  # the corpus tokens that fire it most (label())
 
 
 @dataclass
@@ -117,17 +123,16 @@ def run(*, sentences: int | None = None, num_latents: int = 1024, k: int = 16, s
             log(f"  fvu {fvu[name]:.3f}")
             saes[name] = sae
 
-        outcome = attribute_swap(model, tokenizer, saes, fvu, ig_steps,
-                                 lambda name, latent: top_tokens(saes[name], harvested[name], tokens, tokenizer,
-                                                                 latent))
+        outcome = attribute_swap(model, tokenizer, saes, fvu, ig_steps)
+        label(outcome, lambda name, latent: top_tokens(saes[name], harvested[name], tokens, tokenizer, latent))
     report(outcome, tokenizer, log)
     log(f"({time.perf_counter() - started:.0f} s)")
     return outcome
 
 
-def attribute_swap(model, tokenizer, saes: dict, fvu: dict[str, float], ig_steps: int, fires_most_on) -> Outcome:
-    """Integrated gradients of cos(embed(a), embed(b)) from CLEAN to PATCHED at every SAE's site;
-    ``fires_most_on(site, latent)`` labels each top latent with the corpus text that fires it."""
+def attribute_swap(model, tokenizer, saes: dict, fvu: dict[str, float], ig_steps: int) -> Outcome:
+    """Integrated gradients of cos(embed(a), embed(b)) from CLEAN to PATCHED at every SAE's site,
+    and each site's top latents (unlabelled: :func:`label`)."""
     clean = dict(tokenizer(list(CLEAN), padding=True, return_tensors="pt"))
     patched = dict(tokenizer(list(PATCHED), padding=True, return_tensors="pt"))
     if clean["input_ids"].shape != patched["input_ids"].shape:
@@ -146,9 +151,16 @@ def attribute_swap(model, tokenizer, saes: dict, fvu: dict[str, float], ig_steps
         for latent, score in result.top_latents(name, 8):
             where = scores[..., latent].abs().flatten().argmax()
             position = (int(where // scores.shape[1]), int(where % scores.shape[1]))
-            top[name].append(TopLatent(latent, score, position, fires_most_on(name, latent)))
+            top[name].append(TopLatent(latent, score, position))
     return Outcome(result.metric_clean, result.metric_patched, swapped, fvu, top, error, latent_total)
 
+
+
+def label(outcome: Outcome, fires_most_on) -> None:
+    """Label each top latent with ``fires_most_on(site, latent)``: the corpus tokens that fire it most."""
+    for name, entries in outcome.top.items():
+        for entry in entries:
+            entry.tokens = fires_most_on(name, entry.latent)
 
 def report(outcome: Outcome, tokenizer, log=print) -> None:
     clean = tokenizer(list(CLEAN), padding=True)["input_ids"]

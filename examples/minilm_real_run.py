@@ -204,9 +204,10 @@ def harvest(model, tokenizer, paragraphs: list[str], folder: Path, max_tokens: i
             ) -> tuple[dict[str, activations.HarvestedSite], float]:
     done = folder / "harvest.json"
     wanted = {"sites": list(SITES), "max_tokens": max_tokens, "paragraphs": len(paragraphs)}
-    if done.exists() and json.loads(done.read_text())["wanted"] == wanted:
+    earlier = json.loads(done.read_text()) if done.exists() else None
+    if earlier is not None and earlier["wanted"] == wanted:
         log(f"harvest: reusing {folder}")
-        return activations.load(folder), json.loads(done.read_text())["seconds"]
+        return activations.load(folder), earlier["seconds"]
     started = time.perf_counter()
     harvested = activations.harvest(model, list(SITES), pieces(tokenizer, paragraphs, sort_window=4096), folder,
                                     max_tokens=max_tokens)
@@ -246,21 +247,17 @@ def train_site(number: int, site: activations.HarvestedSite, folder: Path, setti
 # 4. Evaluate: the spliced-in effect on the sentence embedding.
 
 
-def mean_pooled(output, attention_mask: torch.Tensor) -> torch.Tensor:
-    weights = attention_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
-    return (output.last_hidden_state * weights).sum(1) / weights.sum(1)
-
-
 class EmbeddingDrift:
     """loss(output, batch) = 1 - cos(sentence embedding, the clean model's embedding of the same
     batch), averaged over the batch's pieces. The clean embeddings are computed once, up front."""
 
     def __init__(self, model, batches: list[dict]):
         with torch.no_grad():
-            self.clean = {id(batch): mean_pooled(model(**batch), batch["attention_mask"]) for batch in batches}
+            self.clean = {id(batch): minilm_attribution.mean_pooled(model(**batch), batch["attention_mask"])
+                          for batch in batches}
 
     def __call__(self, output, batch) -> torch.Tensor:
-        embedding = mean_pooled(output, batch["attention_mask"])
+        embedding = minilm_attribution.mean_pooled(output, batch["attention_mask"])
         return (1 - torch.nn.functional.cosine_similarity(embedding, self.clean[id(batch)], dim=-1)).mean()
 
 
@@ -379,8 +376,7 @@ def run(out: Path, corpus: Path | None = None, settings: Settings = Settings(), 
 
     started = time.perf_counter()
     attribution = minilm_attribution.attribute_swap(
-        model, tokenizer, saes, {name: reports[name].fvu for name in SITES}, settings.ig_steps,
-        lambda name, latent: [])
+        model, tokenizer, saes, {name: reports[name].fvu for name in SITES}, settings.ig_steps)
     seconds["attribution"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -394,9 +390,9 @@ def run(out: Path, corpus: Path | None = None, settings: Settings = Settings(), 
                    if int(i) not in attributed]
         readings[name], frequencies[name] = read_latents(saes[name], harvested[name], tokens, tokenizer,
                                                          attributed + sampled, settings.context_rows)
-        for entry in attribution.top[name]:
-            match = next((r for r in readings[name] if r.latent == entry.latent), None)
-            entry.tokens = [FIRING.search(text).group(1) for text in match.contexts[:3]] if match else []
+    by_latent = {name: {reading.latent: reading for reading in readings[name]} for name in SITES}
+    minilm_attribution.label(attribution, lambda name, latent: [
+        FIRING.search(text).group(1) for text in by_latent[name][latent].contexts[:3]])
     seconds["contexts"] = time.perf_counter() - started
     minilm_attribution.report(attribution, tokenizer, log)
     for name in SITES:
@@ -408,7 +404,6 @@ def run(out: Path, corpus: Path | None = None, settings: Settings = Settings(), 
                 log(f"      {text}")
 
     summary = {
-        "machine": "see docs/real-run.md",
         "corpus": {"package": PACKAGE, "licence": "PSF License Version 2", "training_paragraphs": len(training),
                    "held_out_paragraphs": len(held_out)},
         "settings": asdict(settings),
