@@ -532,10 +532,8 @@ class _RowStore:
             row_of_edge = self.row_of_edge(chunk)
             row_sums.append(values.new_zeros(chunk.rows.stop - chunk.rows.start).index_add_(0, row_of_edge,
                                                                                            values.abs()))
-        current = logit_probabilities.new_zeros(n_nodes)
-        current[n_nodes - logit_probabilities.shape[0]:] = logit_probabilities
-        total = torch.zeros_like(current)
-        for _ in range(max_iter):
+
+        def times_matrix(current: torch.Tensor) -> torch.Tensor:
             following = torch.zeros_like(current)
             for chunk, sums in zip(self.chunks, row_sums):
                 weights = current[self.nodes(chunk)]
@@ -545,11 +543,11 @@ class _RowStore:
                 row_of_edge = self.row_of_edge(chunk)
                 shares = values.abs().div_(sums.clamp(min=1e-8)[row_of_edge])
                 following.index_add_(0, columns, shares.mul_(weights[row_of_edge]))
-            current = following
-            if not current.any():
-                return total
-            total += current
-        raise RuntimeError(f"partial influence did not converge in {max_iter} steps")
+            return following
+
+        logit_weights = logit_probabilities.new_zeros(n_nodes)
+        logit_weights[n_nodes - logit_probabilities.shape[0]:] = logit_probabilities
+        return pruning.power_series(times_matrix, logit_weights, max_iter, "partial influence")
 
     def to_csr(self, column_of_node: torch.Tensor, row_of_node: torch.Tensor, n_rows: int) -> torch.Tensor:
         """The rows as a sparse CSR matrix ``[n_rows, n_rows]`` with int32

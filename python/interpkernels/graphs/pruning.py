@@ -73,14 +73,20 @@ def influence(adjacency: torch.Tensor, logit_weights: torch.Tensor, edge_mask: t
             product.index_add_(0, columns, normalized.mul_(vector[rows]))
         return product
 
-    current = times_matrix(logit_weights)
-    total = current.clone()
+    return power_series(times_matrix, logit_weights, max_iter, "influence")
+
+
+def power_series(times_matrix: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor, max_iter: int,
+                 what: str) -> torch.Tensor:
+    """``w A + w A^2 + ...`` for a square A given by ``times_matrix(v) = v A``, ending at the first
+    zero term (A has no cycle); at most `max_iter` products, else RuntimeError naming `what`."""
+    current, total = weights, torch.zeros_like(weights)
     for _ in range(max_iter):
+        current = times_matrix(current)
         if not current.any():
             return total
-        current = times_matrix(current)
         total += current
-    raise RuntimeError(f"influence did not converge in {max_iter} steps: the adjacency has a cycle")
+    raise RuntimeError(f"{what} did not converge in {max_iter} steps: the adjacency has a cycle")
 
 
 def score_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
